@@ -1,0 +1,208 @@
+"""Round trips, closed-form log-dets against GradientTape Jacobians, shapes and errors."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import TOLERANCE, log_det_by_autodiff, randomize
+from tfp_realnvp import CouplingNet
+from tfp_realnvp.bijectors import (AffineCoupling, BatchNorm, BatchStatistics, FactorOut, Inverted,
+                                   Logit, Sequential, Squeeze, channel_mask, checkerboard)
+
+SHAPE = (4, 4, 2)
+
+
+def _coupling(kind, parity, dtype, shape=SHAPE, seed=0):
+  mask = (checkerboard(shape[0], shape[1], parity) if kind == 'checkerboard'
+          else channel_mask(shape[2], parity))
+  net = CouplingNet(shape[2], num_filters=4, num_blocks=1, dtype=dtype.name)
+  coupling = AffineCoupling(mask, net, shape, dtype=dtype)
+  coupling.forward(tf.zeros([1, *shape], dtype))  # builds the network
+  randomize([net], seed)
+  return coupling
+
+
+def _batch_norm(dtype, shape=SHAPE, seed=0):
+  norm = BatchNorm(BatchStatistics(0.9, dtype=dtype.name), shape, dtype=dtype)
+  norm.forward(tf.zeros([1, *shape], dtype))
+  randomize(norm.keras_layers, seed)
+  return norm
+
+
+def _check_bijector(bijector, x, dtype, atol_round_trip=None):
+  """The checks TFP runs on a bijector, on a batch `x` of events."""
+  tol = TOLERANCE[dtype]
+  y, fldj = bijector.forward_and_log_det(x)
+  x_back, ildj = bijector.inverse_and_log_det(y)
+  np.testing.assert_allclose(x_back, x, atol=atol_round_trip or tol * 10)
+  y_again, _ = bijector.forward_and_log_det(x_back)
+  np.testing.assert_allclose(y_again, y, atol=atol_round_trip or tol * 10)
+  np.testing.assert_allclose(ildj, -fldj, rtol=tol, atol=tol)
+  np.testing.assert_allclose(fldj, log_det_by_autodiff(lambda e: bijector.forward(e), x),
+                             rtol=tol, atol=tol)
+  # TFP's own entry points agree with the one-pass methods.
+  np.testing.assert_allclose(bijector.forward(x), y, rtol=tol, atol=tol)
+  np.testing.assert_allclose(bijector.forward_log_det_jacobian(x, event_ndims=3), fldj,
+                             rtol=tol, atol=tol)
+  np.testing.assert_allclose(bijector.inverse_log_det_jacobian(y, event_ndims=3), ildj,
+                             rtol=tol, atol=tol)
+  return y, fldj
+
+
+def _normal(shape, dtype, seed=1):
+  return tf.random.stateless_normal(shape, [seed, 0], dtype=dtype)
+
+
+@pytest.mark.parametrize('kind', ['checkerboard', 'channel'])
+@pytest.mark.parametrize('parity', [0, 1])
+def test_affine_coupling_round_trip_and_log_det(kind, parity, dtype):
+  coupling = _coupling(kind, parity, dtype)
+  x = _normal([3, *SHAPE], dtype)
+  y, fldj = _check_bijector(coupling, x, dtype)
+  b = coupling.mask.numpy()
+  # The masked part passes unchanged; the rest changes; the log-det is not trivially zero.
+  np.testing.assert_array_equal((y * b).numpy(), (x * b).numpy())
+  assert np.abs((y - x).numpy() * (1 - b)).max() > 1e-3
+  assert np.abs(fldj.numpy()).min() > 1e-3
+
+
+def test_affine_coupling_matches_paper_formula():
+  dtype = tf.float64
+  coupling = _coupling('checkerboard', 1, dtype)
+  x = _normal([2, *SHAPE], dtype)
+  b = checkerboard(4, 4, 1, np.float64)
+  mask_channel = np.broadcast_to(b, (2, 4, 4, 1))
+  s, t = coupling.network(tf.concat([b * x, mask_channel], -1))
+  expected = b * x + (1 - b) * (x * np.exp(s) + t)
+  y, fldj = coupling.forward_and_log_det(x)
+  np.testing.assert_allclose(y, expected, rtol=1e-12)
+  np.testing.assert_allclose(fldj, np.sum((1 - b) * s, axis=(1, 2, 3)), rtol=1e-12)
+
+
+def test_masks():
+  board = checkerboard(3, 4, parity=1)[..., 0]
+  rows, cols = np.indices((3, 4))
+  np.testing.assert_array_equal(board, (rows + cols) % 2 == 1)
+  np.testing.assert_array_equal(checkerboard(3, 4, 0)[..., 0], 1 - board)
+  np.testing.assert_array_equal(channel_mask(4, 0).ravel(), [1, 1, 0, 0])
+  np.testing.assert_array_equal(channel_mask(4, 1).ravel(), [0, 0, 1, 1])
+  with pytest.raises(ValueError, match='even number of channels'):
+    channel_mask(3, 0)
+
+
+def test_coupling_runs_its_network_once_per_direction():
+  calls = []
+  net = CouplingNet(2, num_filters=4, num_blocks=1)
+
+  def counting_net(x, training=False):
+    calls.append(1)
+    return net(x, training=training)
+
+  coupling = AffineCoupling(checkerboard(4, 4, 0), counting_net, SHAPE)
+  x = _normal([2, *SHAPE], tf.float32)
+  y, _ = coupling.forward_and_log_det(x)
+  coupling.inverse_and_log_det(y)
+  assert len(calls) == 2
+
+
+def test_squeeze_layout_round_trip_and_shapes(dtype):
+  squeeze = Squeeze([4, 6, 3], dtype=dtype)
+  x = _normal([2, 4, 6, 3], dtype)
+  y, _ = _check_bijector(squeeze, x, dtype)
+  assert y.shape == (2, 2, 3, 12)
+  # y[i, j, (2a + b) C + c] = x[2i + a, 2j + b, c]
+  for i, j, a, b, c in [(0, 0, 0, 1, 2), (1, 2, 1, 0, 1), (1, 1, 1, 1, 0)]:
+    assert y[1, i, j, (2 * a + b) * 3 + c] == x[1, 2 * i + a, 2 * j + b, c]
+  assert squeeze.forward_event_shape([4, 6, 3]) == [2, 3, 12]
+  assert squeeze.inverse_event_shape([2, 3, 12]) == [4, 6, 3]
+  np.testing.assert_array_equal(squeeze.forward_event_shape_tensor([4, 6, 3]), [2, 3, 12])
+  np.testing.assert_array_equal(squeeze.inverse_event_shape_tensor([2, 3, 12]), [4, 6, 3])
+  with pytest.raises(ValueError, match='even height and width'):
+    Squeeze([5, 4, 1])
+
+
+def test_batch_norm_inference_round_trip_and_log_det(dtype):
+  norm = _batch_norm(dtype)
+  _check_bijector(norm, _normal([3, *SHAPE], dtype), dtype)
+
+
+def test_batch_norm_follows_training_flag():
+  norm = BatchNorm(BatchStatistics(momentum=0.5), SHAPE)
+  x = 3. + 2. * _normal([64, *SHAPE], tf.float32)
+  stats = norm.keras_layers[0]
+  y_train, ldj_train = norm.forward_and_log_det(x, training=True)
+  # Training: normalized by the batch's statistics, running averages moved half way.
+  np.testing.assert_allclose(tf.reduce_mean(y_train, [0, 1, 2]), 0., atol=1e-4)
+  np.testing.assert_allclose(tf.math.reduce_variance(y_train, [0, 1, 2]), 1., atol=1e-3)
+  batch_mean = tf.reduce_mean(x, [0, 1, 2])
+  np.testing.assert_allclose(stats.moving_mean, 0.5 * batch_mean, rtol=1e-5)
+  batch_var = tf.math.reduce_variance(x, [0, 1, 2])
+  np.testing.assert_allclose(ldj_train, np.full(64, -8. * np.log(batch_var + 1e-4).sum()),
+                             rtol=1e-4)
+  # Inference: the running averages, nothing updated.
+  y_eval, ldj_eval = norm.forward_and_log_det(x)
+  moving_var = stats.moving_variance.numpy()
+  np.testing.assert_allclose(y_eval, (x - stats.moving_mean) / np.sqrt(moving_var + 1e-4),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ldj_eval, -8. * np.log(moving_var + 1e-4).sum(), rtol=1e-5)
+  np.testing.assert_allclose(stats.moving_mean, 0.5 * batch_mean, rtol=1e-5)
+  # The inverse always uses running averages, even when asked to train.
+  np.testing.assert_allclose(norm.inverse(y_eval, training=True), x, rtol=1e-4, atol=1e-4)
+
+
+def test_logit_round_trip_log_det_and_formula(dtype):
+  logit = Logit(SHAPE, dtype=dtype)
+  x = tf.random.stateless_uniform([3, *SHAPE], [2, 0], 0., 256., dtype=dtype)
+  y, fldj = _check_bijector(logit, x, dtype, atol_round_trip=1e-3 if dtype == tf.float32 else None)
+  p = 0.05 + 0.9 * x.numpy() / 256.
+  np.testing.assert_allclose(y, np.log(p / (1 - p)), rtol=1e-5, atol=1e-5)
+  expected = np.sum(np.log(0.9 / 256.) - np.log(p) - np.log(1 - p), axis=(1, 2, 3))
+  np.testing.assert_allclose(fldj, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('bad', [-1., 257., np.nan])
+def test_logit_rejects_pixels_out_of_range(bad):
+  logit = Logit(SHAPE, validate_args=True)
+  x = np.full([1, *SHAPE], 100., np.float32)
+  x[0, 1, 2, 1] = bad
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'pixels must be numbers in \[0, 256\]'):
+    logit.forward(x)
+
+
+def test_factor_out_and_composition(dtype):
+  squeeze = Squeeze(SHAPE, dtype=dtype)
+  inner = Sequential([_coupling('checkerboard', 0, dtype, shape=(2, 2, 4), seed=3),
+                      _batch_norm(dtype, shape=(2, 2, 4), seed=4)])
+  flow = Sequential([_coupling('checkerboard', 1, dtype), _batch_norm(dtype, seed=1), squeeze,
+                     _coupling('channel', 0, dtype, shape=(2, 2, 8), seed=2),
+                     FactorOut((2, 2, 8), inner), Inverted(squeeze)])
+  x = _normal([2, *SHAPE], dtype)
+  y, _ = _check_bijector(flow, x, dtype)
+  assert y.shape == x.shape
+  assert len(flow.keras_layers) == 5
+
+
+def test_leading_batch_shapes_and_single_events():
+  coupling = _coupling('checkerboard', 0, tf.float32)
+  x = _normal([2, 3, *SHAPE], tf.float32)
+  y, ldj = coupling.forward_and_log_det(x)
+  assert y.shape == x.shape and ldj.shape == (2, 3)
+  y_flat, ldj_flat = coupling.forward_and_log_det(tf.reshape(x, [6, *SHAPE]))
+  np.testing.assert_allclose(tf.reshape(y, [6, *SHAPE]), y_flat, rtol=1e-6)
+  np.testing.assert_allclose(tf.reshape(ldj, [6]), ldj_flat, rtol=1e-6)
+  y0, ldj0 = coupling.forward_and_log_det(x[0, 0])
+  assert y0.shape == SHAPE and ldj0.shape == ()
+
+
+def test_bad_inputs_name_the_problem():
+  coupling = _coupling('checkerboard', 0, tf.float32)
+  with pytest.raises(ValueError, match=r'expected shape \[\.\.\., 4, 4, 2\].*\(2, 4, 4, 3\)'):
+    coupling.forward(tf.zeros([2, 4, 4, 3]))
+  with pytest.raises(ValueError, match=r'expected shape'):
+    coupling.forward(tf.zeros([4, 4]))
+  with pytest.raises(TypeError, match='expected a float32 tensor, got float64'):
+    coupling.forward_and_log_det(tf.zeros([1, *SHAPE], tf.float64))
+  with pytest.raises(ValueError, match='mask must broadcast'):
+    AffineCoupling(checkerboard(3, 3, 0), coupling.network, SHAPE)
+  with pytest.raises(ValueError, match='bijector on'):
+    FactorOut((2, 2, 8), Squeeze((2, 2, 8)))

@@ -1,0 +1,8 @@
+"""tfp_realnvp: Real NVP (Dinh, Sohl-Dickstein, Bengio, ICLR 2017) on TensorFlow Probability."""
+
+from tfp_realnvp import bijectors, presets
+from tfp_realnvp.model import RealNVP, to_uint8
+from tfp_realnvp.nets import CouplingNet, WeightNormConv2D
+from tfp_realnvp.presets import RealNVPConfig
+
+__version__ = '0.1.0'

@@ -1,0 +1,83 @@
+"""Batch normalization as an invertible flow layer that follows Keras' training flag."""
+
+import keras
+import tensorflow as tf
+
+from tfp_realnvp.bijectors.base import FlowBijector
+
+
+class BatchStatistics(keras.layers.Layer):
+  """Per-channel mean and variance: of the batch in training (and updating running averages),
+  the running averages in inference.
+
+  Batch statistics are synchronized across replicas under `tf.distribute`, so a global batch
+  gives the same normalization (and loss) on any number of devices.
+  """
+
+  def __init__(self, momentum=0.9, **kwargs):
+    super().__init__(**kwargs)
+    self.momentum = momentum
+
+  def build(self, input_shape):
+    channels = (input_shape[-1],)
+    self.moving_mean = self.add_weight(shape=channels, initializer='zeros', trainable=False,
+                                       name='moving_mean', aggregation='mean', autocast=False)
+    self.moving_variance = self.add_weight(shape=channels, initializer='ones', trainable=False,
+                                           name='moving_variance', aggregation='mean',
+                                           autocast=False)
+
+  def call(self, x, training=False):
+    if not training:
+      return self.moving_mean, self.moving_variance
+    mean, variance = keras.ops.moments(x, axes=[0, 1, 2], synchronized=True)
+    for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+      moving.assign(self.momentum * moving + (1. - self.momentum) * tf.stop_gradient(batch))
+    return mean, variance
+
+  def get_config(self):
+    return {**super().get_config(), 'momentum': self.momentum}
+
+
+class BatchNorm(FlowBijector):
+  """Real NVP's batch normalization on a coupling's output, as a bijector.
+
+    forward:   y = (x - mean) / sqrt(var + eps)
+    inverse:   x = y * sqrt(var + eps) + mean
+    log|det dy/dx| = -0.5 * H * W * sum_c log(var_c + eps)
+
+  Per channel, with no learned scale or shift (as the official code). The forward (data to
+  latent) with `training=True` uses the batch's statistics (the log-det treats them as constants,
+  as the paper does) and updates the running averages; otherwise, and always in the inverse
+  (sampling), it uses the running averages, so the Jacobian is exact in inference.
+
+  Example:
+    norm = BatchNorm(BatchStatistics(momentum=0.9), event_shape=[4, 4, 2])
+    y, log_det = norm.forward_and_log_det(x, training=True)
+  """
+
+  def __init__(self, statistics, event_shape, epsilon=1e-4, validate_args=False,
+               name='batch_norm', dtype=tf.float32):
+    parameters = dict(locals())
+    super().__init__(event_shape, validate_args, parameters, name, dtype)
+    self._statistics = statistics
+    self._epsilon = epsilon
+
+  @property
+  def keras_layers(self):
+    return [self._statistics]
+
+  def _log_std(self, x, training):
+    mean, variance = self._statistics(x, training=training)
+    return mean, 0.5 * tf.math.log(tf.cast(variance, x.dtype) + self._epsilon)
+
+  def _log_det(self, log_std, x):
+    height, width, _ = self.event_shape_in
+    return tf.fill(tf.shape(x)[:1], -height * width * tf.reduce_sum(log_std))
+
+  def _forward_and_log_det(self, x, training):
+    mean, log_std = self._log_std(x, training)
+    return (x - tf.cast(mean, x.dtype)) * tf.exp(-log_std), self._log_det(log_std, x)
+
+  def _inverse_and_log_det(self, y, training):
+    mean, log_std = self._log_std(y, training=False)
+    return y * tf.exp(log_std) + tf.cast(mean, y.dtype), -self._log_det(log_std, y)

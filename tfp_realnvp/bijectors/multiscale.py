@@ -1,0 +1,106 @@
+"""Real NVP's multi-scale architecture: scales of couplings with half the channels factored out."""
+
+import tensorflow as tf
+
+from tfp_realnvp.bijectors.affine_coupling import AffineCoupling, channel_mask, checkerboard
+from tfp_realnvp.bijectors.base import FlowBijector, Inverted, Sequential
+from tfp_realnvp.bijectors.batch_norm import BatchNorm
+from tfp_realnvp.bijectors.logit import Logit
+from tfp_realnvp.bijectors.squeeze import Squeeze
+
+
+class FactorOut(FlowBijector):
+  """Sends the first half of the channels straight to the latent, the rest through `bijector`.
+
+    forward:   y = concat(x[..., :C/2], bijector.forward(x[..., C/2:]))
+    inverse:   x = concat(y[..., :C/2], bijector.inverse(y[..., C/2:]))
+    log|det|   = bijector's log-det on the second half
+
+  Example:
+    FactorOut([8, 8, 12], inner_scale)   # inner_scale works on [8, 8, 6]
+  """
+
+  def __init__(self, event_shape, bijector, validate_args=False, name='factor_out'):
+    parameters = dict(locals())
+    height, width, channels = event_shape
+    if channels % 2 or tuple(bijector.event_shape_in) != (height, width, channels // 2):
+      raise ValueError(f'{name}: needs an even channel count and a bijector on '
+                       f'[{height}, {width}, {channels // 2}], got events {list(event_shape)} and '
+                       f'a bijector on {list(bijector.event_shape_in)}.')
+    super().__init__(event_shape, validate_args, parameters, name, bijector.dtype)
+    self._bijector = bijector
+
+  @property
+  def keras_layers(self):
+    return self._bijector.keras_layers
+
+  def _split(self, x):
+    return tf.split(x, 2, axis=-1)
+
+  def _forward_and_log_det(self, x, training):
+    factored, rest = self._split(x)
+    rest, log_det = self._bijector.forward_and_log_det(rest, training)
+    return tf.concat([factored, rest], axis=-1), log_det
+
+  def _inverse_and_log_det(self, y, training):
+    factored, rest = self._split(y)
+    rest, log_det = self._bijector.inverse_and_log_det(rest, training)
+    return tf.concat([factored, rest], axis=-1), log_det
+
+
+def multiscale_flow(image_shape, num_scales, coupling_network, batch_statistics, alpha=0.05,
+                    batch_norm_epsilon=1e-4, validate_args=False, dtype=tf.float32):
+  """The whole Real NVP bijector, pixels in `[0, 256)^(H, W, C)` to an image-shaped latent.
+
+  `Logit` preprocessing, then `num_scales` scales. Each scale but the last: 3 checkerboard
+  couplings (alternating parities), squeeze, 3 channel couplings (alternating halves), then the
+  first half of the channels is factored out and the rest goes through the next scale; the
+  result is un-squeezed, so the latent keeps the image's shape. The last scale: 4 checkerboard
+  couplings. Every coupling is followed by batch normalization.
+
+  Args:
+    image_shape: `[H, W, C]`; H and W must stay even through the `num_scales - 1` squeezes.
+    num_scales: number of scales, the last (unsqueezed) one included.
+    coupling_network: `fn(event_shape, scale, kind) -> keras layer` giving `(s, t)`; `scale` is
+      0 for the finest scale and `kind` is 'checkerboard' or 'channel'.
+    batch_statistics: `fn() -> BatchStatistics` layer, one per batch-norm bijector.
+  """
+  height, width, _ = image_shape
+  if num_scales < 1:
+    raise ValueError(f'num_scales must be at least 1, got {num_scales}.')
+  if height % 2 ** (num_scales - 1) or width % 2 ** (num_scales - 1):
+    raise ValueError(f'An image of {height}x{width} cannot be squeezed {num_scales - 1} times '
+                     f'(num_scales={num_scales}): height and width must be multiples of '
+                     f'{2 ** (num_scales - 1)}.')
+  common = dict(validate_args=validate_args, dtype=dtype)
+
+  def coupling_steps(shape, scale, kind, count):
+    steps = []
+    for i in range(count):
+      parity = i % 2
+      mask = (checkerboard(shape[0], shape[1], parity) if kind == 'checkerboard'
+              else channel_mask(shape[2], parity))
+      steps.append(AffineCoupling(mask, coupling_network(shape, scale, kind), shape,
+                                  name=f'coupling_s{scale}_{kind}{i}', **common))
+      steps.append(BatchNorm(batch_statistics(), shape, epsilon=batch_norm_epsilon,
+                             name=f'batch_norm_s{scale}_{kind}{i}', **common))
+    return steps
+
+  def scale_flow(shape, scale):
+    if scale == num_scales - 1:
+      return Sequential(coupling_steps(shape, scale, 'checkerboard', 4), name=f'scale{scale}')
+    h, w, c = shape
+    squeeze = Squeeze(shape, name=f'squeeze{scale}', **common)
+    squeezed = squeeze.event_shape_out
+    return Sequential([
+        *coupling_steps(shape, scale, 'checkerboard', 3),
+        squeeze,
+        *coupling_steps(squeezed, scale, 'channel', 3),
+        FactorOut(squeezed, scale_flow((h // 2, w // 2, 2 * c), scale + 1),
+                  validate_args=validate_args, name=f'factor_out{scale}'),
+        Inverted(squeeze, name=f'unsqueeze{scale}'),
+    ], name=f'scale{scale}')
+
+  image_shape = tuple(image_shape)
+  return Sequential([Logit(image_shape, alpha=alpha, **common), scale_flow(image_shape, 0)],
+                    validate_args=validate_args, name='real_nvp')

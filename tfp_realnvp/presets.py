@@ -1,0 +1,72 @@
+"""The paper's configurations per dataset, as `RealNVPConfig`s."""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RealNVPConfig:
+  """Everything that defines a Real NVP model and its default optimizer.
+
+  Attributes:
+    image_shape: `[H, W, C]` of the images.
+    num_scales: scales of the multi-scale architecture, the final one included.
+    num_blocks: residual blocks per coupling network.
+    num_filters: features of the finest scale's checkerboard networks; they double per scale,
+      and channel couplings use twice those of the checkerboard ones at the same scale.
+    alpha: the logit preprocessing's squashing, `logit(alpha + (1 - 2 alpha) x / 256)`.
+    batch_norm_momentum: running averages `m <- momentum * m + (1 - momentum) * batch`.
+    batch_norm_epsilon: added to the variance in the flow's batch normalization.
+    l2: L2 decay on the weight-norm scales `g` and the coupling's tanh scale.
+    learning_rate, clipnorm: Adam's rate and the global-norm clipping of the official code.
+    dtype: dtype of the flow and its variables.
+    validate_args: check inputs (pixel range, NaN) at run time.
+  """
+  image_shape: tuple = (32, 32, 3)
+  num_scales: int = 2
+  num_blocks: int = 8
+  num_filters: int = 64
+  alpha: float = 0.05
+  batch_norm_momentum: float = 0.9
+  batch_norm_epsilon: float = 1e-4
+  l2: float = 5e-5
+  learning_rate: float = 1e-3
+  clipnorm: float = 100.
+  dtype: str = 'float32'
+  validate_args: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, 'image_shape', tuple(int(d) for d in self.image_shape))
+    for field in ('num_scales', 'num_blocks', 'num_filters'):
+      if getattr(self, field) < 1:
+        raise ValueError(f'RealNVPConfig.{field} must be at least 1, got {getattr(self, field)}.')
+
+  def replace(self, **overrides):
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      raise ValueError(f'Unknown RealNVPConfig fields: {sorted(unknown)}.')
+    return dataclasses.replace(self, **overrides)
+
+  def to_dict(self):
+    return {**dataclasses.asdict(self), 'image_shape': list(self.image_shape)}
+
+
+PRESETS = {
+    # Table 1 configurations. CIFAR-10: 2 scales (downscale once), 8 blocks, 64 features.
+    'cifar10': RealNVPConfig((32, 32, 3), num_scales=2, num_blocks=8, num_filters=64),
+    # ImageNet 32x32: 4 blocks, 32 features, scales down to a 4x4 final scale.
+    'imagenet32': RealNVPConfig((32, 32, 3), num_scales=4, num_blocks=4, num_filters=32),
+    # 64x64 sets: 2 blocks, 32 features, down to 4x4.
+    'imagenet64': RealNVPConfig((64, 64, 3), num_scales=5, num_blocks=2, num_filters=32),
+    'celeba': RealNVPConfig((64, 64, 3), num_scales=5, num_blocks=2, num_filters=32),
+    'lsun': RealNVPConfig((64, 64, 3), num_scales=5, num_blocks=2, num_filters=32),
+    # MNIST (not in the paper): 28 -> 14 -> 7, so 3 scales with the final 4 checkerboard
+    # couplings on 7x7x4; 4 blocks of 32 features, the ImageNet 32x32 network size.
+    'mnist': RealNVPConfig((28, 28, 1), num_scales=3, num_blocks=4, num_filters=32),
+}
+
+
+def get(name, **overrides):
+  """The preset `name` with `overrides` (e.g. `get('cifar10', num_blocks=4)`)."""
+  if name not in PRESETS:
+    raise ValueError(f'Unknown preset {name!r}; known presets: {", ".join(sorted(PRESETS))}.')
+  return PRESETS[name].replace(**overrides)
