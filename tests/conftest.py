@@ -13,14 +13,14 @@ tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
-def randomize(layers, seed=0, scale=0.3):
+def randomize(layers, seed=0, scale=0.3, variance=(0.5, 2.0)):
   """Gives Keras layers random weights (so no coupling is the identity) and positive,
   non-trivial batch-norm statistics, as after some training."""
   rng = np.random.default_rng(seed)
   for layer in layers:
     for w in layer.weights:
       if 'variance' in w.path:
-        value = rng.uniform(0.5, 2.0, w.shape)
+        value = rng.uniform(*variance, w.shape)
       elif 'moving_mean' in w.path:
         value = rng.normal(0., 0.5, w.shape)
       else:

@@ -82,7 +82,7 @@ class RealNVP(keras.Model):
   def image_shape(self):
     return self.config.image_shape
 
-  def _pixels(self, images, dequantize, seed=None):
+  def _pixels(self, images, dequantize, seed=None, check_range=False):
     """Float pixels in [0, 256) from uint8 (dequantized) or float (as given) images."""
     images = tf.convert_to_tensor(images)
     if images.shape.rank is None or images.shape.rank < 3 or not images.shape[-3:].is_compatible_with(
@@ -91,7 +91,8 @@ class RealNVP(keras.Model):
                        f'{", ".join(map(str, self.image_shape))}], got {images.shape}.')
     dtype = tf.as_dtype(self.config.dtype)
     if images.dtype.is_floating:
-      return tf.cast(images, dtype)
+      pixels = tf.cast(images, dtype)
+      return self._checked_range(pixels) if check_range and self.config.validate_args else pixels
     if not images.dtype.is_integer:
       raise TypeError(f'{self.name}: expected uint8 or float images, got {images.dtype.name}.')
     pixels = tf.cast(images, dtype)
@@ -101,12 +102,20 @@ class RealNVP(keras.Model):
       return pixels + tf.random.uniform(tf.shape(pixels), dtype=dtype)
     return pixels + tf.random.stateless_uniform(tf.shape(pixels), [seed, 0], dtype=dtype)
 
+  def _checked_range(self, pixels):
+    message = (f'{self.name}: pixels must be numbers in [0, 256] (uint8 images, or float images '
+               'dequantized to [0, 256))')
+    with tf.control_dependencies([
+        tf.debugging.assert_greater_equal(pixels, tf.zeros([], pixels.dtype), message=message),
+        tf.debugging.assert_less_equal(pixels, tf.constant(256., pixels.dtype), message=message)]):
+      return tf.identity(pixels)
+
   def log_prob(self, images, training=False, seed=None):
     """log p(x) in nats, a density on [0, 256)^D, one pass through the flow.
 
     uint8 images are dequantized with U[0, 1) noise (`seed` makes it repeatable).
     """
-    pixels = self._pixels(images, 'uniform', seed)
+    pixels = self._pixels(images, 'uniform', seed, check_range=True)
     latent, log_det = self.flow.forward_and_log_det(pixels, training=training)
     return self.distribution.distribution.log_prob(latent) + log_det
 

@@ -15,7 +15,8 @@ class Logit(FlowBijector):
 
   The official code's squashing to `[alpha, 1 - alpha]` (alpha = 0.05), so that a flow on `y`
   times this Jacobian is a density on `[0, 256)^D` and bits/dim follow the paper's definition.
-  With `validate_args`, pixels outside `[0, 256]` raise an error instead of giving NaN.
+  With `validate_args`, inputs outside the logit's domain (NaN included) raise an error instead
+  of giving NaN. The domain is a little wider than [0, 256]: decoding a latent can land there.
 
   Example:
     Logit([28, 28, 1]).forward(128. * tf.ones([28, 28, 1]))  # zeros
@@ -31,11 +32,7 @@ class Logit(FlowBijector):
 
   def _forward_and_log_det(self, x, training):
     if self.validate_args:
-      message = f'{self.name}: pixels must be numbers in [0, 256] (dequantized uint8 values)'
-      with tf.control_dependencies([
-          tf.debugging.assert_greater_equal(x, tf.zeros([], x.dtype), message=message),
-          tf.debugging.assert_less_equal(x, tf.constant(256., x.dtype), message=message)]):
-        x = tf.identity(x)
+      x = self._checked_domain(x)
     p = self._alpha + (1. - 2. * self._alpha) * x / 256.
     y = tf.math.log(p) - tf.math.log1p(-p)
     return y, self._log_det(y)
@@ -43,6 +40,17 @@ class Logit(FlowBijector):
   def _inverse_and_log_det(self, y, training):
     x = 256. * (tf.sigmoid(y) - self._alpha) / (1. - 2. * self._alpha)
     return x, -self._log_det(y)
+
+  def _checked_domain(self, x):
+    # p must lie in (0, 1): x in (-256 alpha / (1 - 2 alpha), 256 (1 - alpha) / (1 - 2 alpha)), a bit
+    # wider than [0, 256], the range that decoded latents can reach.
+    low, high = (256. * np.array([-self._alpha, 1. - self._alpha]) / (1. - 2. * self._alpha))
+    message = (f'{self.name}: inputs must be pixel values in the logit\'s domain '
+               f'({low:.3g}, {high:.4g}) (pixels are [0, 256))')
+    with tf.control_dependencies([
+        tf.debugging.assert_greater(x, tf.constant(low, x.dtype), message=message),
+        tf.debugging.assert_less(x, tf.constant(high, x.dtype), message=message)]):
+      return tf.identity(x)
 
   def _log_det(self, y):
     # -log p - log(1 - p) = softplus(-y) + softplus(y), stable for any y.

@@ -1,0 +1,157 @@
+"""The whole flow as a Keras model: exact density end to end, variables, sampling, errors."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import log_det_by_autodiff, randomize
+import tfp_realnvp as rn
+
+TINY = rn.RealNVPConfig((4, 4, 2), num_scales=2, num_blocks=1, num_filters=4)
+
+
+def _tiny_model(dtype='float32', seed=0, **randomize_args):
+  model = rn.RealNVP(TINY.replace(dtype=dtype))
+  randomize(model.flow_layers, seed, **randomize_args)
+  return model
+
+
+def _pixels(shape, dtype='float32', seed=0):
+  return tf.random.stateless_uniform(shape, [seed, 1], 1., 255., dtype=dtype)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+def test_whole_flow_log_det_matches_autodiff_jacobian(dtype):
+  model = _tiny_model(dtype)
+  x = _pixels([3, *TINY.image_shape], dtype)
+  latent, log_det = model.flow.forward_and_log_det(x)
+  expected = log_det_by_autodiff(model.encode, x)
+  tol = 1e-3 if dtype == 'float32' else 1e-8
+  np.testing.assert_allclose(log_det, expected, rtol=tol, atol=tol)
+  # The latent keeps the image's shape; the flow is not the identity.
+  assert latent.shape == x.shape
+  assert np.abs(log_det).min() > 1.
+
+
+def test_log_prob_is_base_of_encoding_plus_log_det():
+  model = _tiny_model('float64')
+  x = _pixels([5, *TINY.image_shape], 'float64')
+  latent, log_det = model.flow.forward_and_log_det(x)
+  gaussian = -0.5 * np.sum(latent.numpy() ** 2 + np.log(2 * np.pi), axis=(1, 2, 3))
+  np.testing.assert_allclose(model.log_prob(x), gaussian + log_det, rtol=1e-10)
+  np.testing.assert_allclose(model.distribution.log_prob(x), model.log_prob(x), rtol=1e-10)
+  np.testing.assert_allclose(model.bits_per_dim(x), -model.log_prob(x) / (32 * math.log(2)))
+  np.testing.assert_allclose(model.predict(x, verbose=0), model.bits_per_dim(x), rtol=1e-6)
+
+
+def test_uint8_images_are_dequantized():
+  model = _tiny_model()
+  images = np.random.default_rng(0).integers(0, 256, [4, *TINY.image_shape], dtype=np.uint8)
+  # Uniform noise: repeatable with a seed, different without; encode uses pixel centres.
+  np.testing.assert_allclose(model.log_prob(images, seed=3), model.log_prob(images, seed=3))
+  assert not np.allclose(model.log_prob(images, seed=3), model.log_prob(images, seed=4))
+  noisy = images + tf.random.stateless_uniform(images.shape, [3, 0])
+  np.testing.assert_allclose(model.log_prob(images, seed=3), model.log_prob(noisy), rtol=1e-6)
+  np.testing.assert_allclose(model.encode(images), model.encode(images.astype('float32') + 0.5))
+
+
+def test_model_owns_every_variable():
+  model = _tiny_model()
+  flow_variables = {id(v) for layer in model.flow_layers for v in layer.weights}
+  model_variables = {id(v) for v in model.weights}
+  assert flow_variables and flow_variables <= model_variables
+  assert {id(v) for v in model.trainable_variables} == {
+      id(v) for layer in model.flow_layers for v in layer.trainable_weights}
+  # 2 scales: 3 + 3 + 4 couplings, each with a network and a batch norm.
+  assert len(model.flow_layers) == 20
+
+
+def test_round_trip_sample_and_decode():
+  # Milder weights keep the samples inside the range where float32's sigmoid is invertible.
+  model = _tiny_model(scale=0.1, variance=(0.8, 1.2))
+  x = _pixels([4, *TINY.image_shape])
+  np.testing.assert_allclose(model.decode(model.encode(x)), x, atol=1e-3)
+  samples = model.sample(6, temperature=0.7, seed=5)
+  assert samples.shape == (6, *TINY.image_shape)
+  np.testing.assert_array_equal(samples, model.sample(6, temperature=0.7, seed=5))
+  np.testing.assert_allclose(model.encode(samples), 0.7 * tf.random.stateless_normal(
+      [6, *TINY.image_shape], [5, 0]), atol=1e-3)
+  assert model.distribution.sample(2).shape == (2, *TINY.image_shape)
+  images = rn.to_uint8(samples)
+  assert images.dtype == tf.uint8
+
+
+def test_full_depth_round_trip_cifar10_preset():
+  model = rn.RealNVP('cifar10')
+  randomize(model.flow_layers, seed=1, scale=0.05, variance=(0.8, 1.2))
+  x = _pixels([4, 32, 32, 3])
+  latent, log_det = model.flow.forward_and_log_det(x)
+  logit_log_det = model.flow.bijectors[0].forward_and_log_det(x)[1]
+  assert np.abs(log_det - logit_log_det).min() > 10.  # the couplings are far from the identity
+  x_back = model.decode(latent)
+  pixel_error = np.abs(x_back - x).max()
+  logit_error = np.abs(model.flow.bijectors[0].forward(x_back) - model.flow.bijectors[0].forward(x)
+                       ).max()
+  print(f'cifar10 preset round trip: max error {pixel_error:.2e} in pixels [0, 256), '
+        f'{logit_error:.2e} in logit space')
+  assert logit_error <= 1e-4
+  assert pixel_error <= 1e-4 * 256
+
+
+def test_bad_inputs_name_the_problem():
+  model = _tiny_model()
+  with pytest.raises(ValueError, match=r'expected images of shape \[\.\.\., 4, 4, 2\]'):
+    model.log_prob(np.zeros([2, 4, 4, 3], np.uint8))
+  with pytest.raises(TypeError, match='expected uint8 or float images, got string'):
+    model.log_prob(np.full([1, 4, 4, 2], 'a'))
+  bad = np.full([1, 4, 4, 2], 100., np.float32)
+  for value in (np.nan, 300., -2.):
+    bad[0, 0, 0, 0] = value
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r'pixels must be numbers in \[0, 256\]'):
+      model.log_prob(bad)
+  with pytest.raises(ValueError, match='cannot be squeezed'):
+    rn.RealNVP(rn.presets.get('mnist', num_scales=4))
+  with pytest.raises(ValueError, match='Unknown preset'):
+    rn.RealNVP('cifar100')
+  with pytest.raises(ValueError, match='Unknown RealNVPConfig fields'):
+    rn.presets.get('mnist', filters=3)
+
+
+def test_presets_follow_the_paper():
+  cifar = rn.presets.get('cifar10')
+  assert (cifar.num_scales, cifar.num_blocks, cifar.num_filters) == (2, 8, 64)
+  imagenet32 = rn.presets.get('imagenet32')
+  assert imagenet32.image_shape[0] // 2 ** (imagenet32.num_scales - 1) == 4
+  for name in ('imagenet64', 'celeba', 'lsun'):
+    preset = rn.presets.get(name)
+    assert preset.image_shape == (64, 64, 3) and preset.num_blocks == 2
+    assert preset.num_filters == 32 and 64 // 2 ** (preset.num_scales - 1) == 4
+  model = rn.RealNVP('mnist')
+  assert model.encode(np.zeros([1, 28, 28, 1], np.uint8)).shape == (1, 28, 28, 1)
+  # Features double per scale; channel couplings use twice the checkerboard features.
+  widths = [layer.num_filters for layer in model.flow_layers if isinstance(layer, rn.CouplingNet)]
+  assert widths == [32] * 3 + [64] * 3 + [64] * 3 + [128] * 3 + [128] * 4
+
+
+def test_config_round_trips_through_keras():
+  model = rn.RealNVP('mnist', num_blocks=2)
+  clone = rn.RealNVP.from_config(model.get_config())
+  assert clone.config == model.config
+  assert clone.count_params() == model.count_params()
+
+
+def test_optimizer_defaults_follow_the_paper():
+  model = _tiny_model()
+  model.compile()
+  assert isinstance(model.optimizer, keras.optimizers.Adam)
+  assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+  assert model.optimizer.global_clipnorm == 100.
+  # L2 5e-5 on the weight-norm scales g and the tanh scales only.
+  penalized = {w.path for layer in model.flow_layers for w in layer.weights
+               if w.regularizer is not None}
+  assert penalized and all(p.endswith('/g') or p.endswith('/scale') for p in penalized)
+  assert all(w.regularizer.l2 == pytest.approx(5e-5) for layer in model.flow_layers
+             for w in layer.weights if w.regularizer is not None)
