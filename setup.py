@@ -19,6 +19,7 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.10',
         'importlib_resources>=6',
         'absl-py>=2.1',
+        'tensorboard>=2.21',
         'numpy>=1.26,<3',
         'pillow>=10',
         'mlxtend>=0.23',

@@ -41,8 +41,10 @@ def test_training_on_real_digits_lowers_test_bits_per_dim(mnist):
   assert not unmoved, f'variables that training left unchanged: {unmoved}'
 
 
-# A large learning rate, so that a wrongly scaled gradient shows in the second epoch's loss.
-SMALL = rn.RealNVPConfig((8, 8, 2), num_scales=2, num_blocks=1, num_filters=4, learning_rate=1e-2)
+# A large learning rate, so that a wrongly scaled gradient shows in the second epoch's loss, and a
+# clipping norm below the gradient's, so that clipping per replica instead of globally shows too.
+SMALL = rn.RealNVPConfig((8, 8, 2), num_scales=2, num_blocks=1, num_filters=4, learning_rate=1e-2,
+                         clipnorm=1e-3)
 
 
 def _train_and_evaluate(strategy, weights, train, test):

@@ -3,7 +3,6 @@
 import math
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -68,12 +67,15 @@ class RealNVP(keras.Model):
         tfb.Invert(self.flow), name='real_nvp')
     self._bits_per_dim_metric = keras.metrics.Mean(name='bits_per_dim')
     self._num_dims = math.prod(config.image_shape)
+    self._flow_forward = self.flow.forward_and_log_det
     self(tf.fill([1, *config.image_shape], tf.constant(128., dtype)))  # creates every variable
 
   def _coupling_network(self, event_shape, scale, kind):
     filters = self.config.num_filters * 2 ** scale * (2 if kind == 'channel' else 1)
+    policy = (f'mixed_{self.config.compute_dtype}' if self.config.compute_dtype
+              else self.config.dtype)
     return CouplingNet(event_shape[-1], filters, self.config.num_blocks, l2=self.config.l2,
-                       momentum=self.config.batch_norm_momentum, dtype=self.config.dtype)
+                       momentum=self.config.batch_norm_momentum, dtype=policy)
 
   def _batch_statistics(self):
     return BatchStatistics(self.config.batch_norm_momentum, dtype=self.config.dtype)
@@ -116,7 +118,7 @@ class RealNVP(keras.Model):
     uint8 images are dequantized with U[0, 1) noise (`seed` makes it repeatable).
     """
     pixels = self._pixels(images, 'uniform', seed, check_range=True)
-    latent, log_det = self.flow.forward_and_log_det(pixels, training=training)
+    latent, log_det = self._flow_forward(pixels, training=training)
     return self.distribution.distribution.log_prob(latent) + log_det
 
   def bits_per_dim(self, images, training=False, seed=None):
@@ -144,13 +146,50 @@ class RealNVP(keras.Model):
       latent = tf.random.stateless_normal(shape, [seed, 0], dtype=dtype)
     return self.decode(temperature * latent)
 
-  def compile(self, optimizer=None, **kwargs):
-    """Keras `compile` with the paper's optimizer by default (Adam, global-norm clipping)."""
+  def compile(self, optimizer=None, jit_compile=False, **kwargs):
+    """Keras `compile` with the paper's optimizer by default (Adam, global-norm clipping).
+
+    `jit_compile=True` compiles the flow with XLA inside Keras' step (Keras' own
+    `jit_compile` fails under MirroredStrategy). With `compute_dtype='float16'` the optimizer is
+    wrapped in a `LossScaleOptimizer`.
+    """
+    float16 = self.config.compute_dtype == 'float16'
+    # The model clips by the global norm of the gradient summed over replicas (an optimizer's
+    # global_clipnorm sees each replica's part); under float16 loss scaling the optimizer does.
+    self._clipnorm = None if float16 else self.config.clipnorm
     if optimizer is None:
-      optimizer = keras.optimizers.Adam(self.config.learning_rate,
-                                        global_clipnorm=self.config.clipnorm)
-    kwargs.setdefault('jit_compile', False)
-    super().compile(optimizer=optimizer, **kwargs)
+      optimizer = keras.optimizers.Adam(
+          self.config.learning_rate, global_clipnorm=self.config.clipnorm if float16 else None)
+    if float16 and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    self._flow_forward = (tf.function(self.flow.forward_and_log_det, jit_compile=True)
+                          if jit_compile else self.flow.forward_and_log_det)
+    super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
+
+  def train_step(self, data):
+    """Keras' step, but with global-norm clipping over the replicas' summed gradient."""
+    images, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+      bits = self(images, training=True)
+      loss = self.compute_loss(x=images, y_pred=bits, training=True)
+      scaled_loss = self.optimizer.scale_loss(loss)
+    variables = self.trainable_variables
+    gradients = self._clipped(tape.gradient(scaled_loss, variables))
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    self._loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(images)[0])
+    return self.compute_metrics(images, None, bits)
+
+  def _clipped(self, gradients):
+    if not getattr(self, '_clipnorm', None):
+      return gradients
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas == 1:
+      return tf.clip_by_global_norm(gradients, self._clipnorm)[0]
+    context = tf.distribute.get_replica_context()
+    total = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+    clipped = tf.clip_by_global_norm(total, self._clipnorm)[0]
+    return [g / replicas for g in clipped]  # the optimizer sums the replicas' parts again
 
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
     """Mean bits/dim of the batch plus the L2 decay, scaled for the replicas' gradient sum."""
@@ -160,10 +199,6 @@ class RealNVP(keras.Model):
       loss += tf.add_n(self.losses)
     # Replicas' gradients are summed; Keras unscales the reported loss the same way.
     return loss / tf.distribute.get_strategy().num_replicas_in_sync
-
-  @property
-  def metrics(self):
-    return [*super().metrics, self._bits_per_dim_metric]
 
   def get_config(self):
     return {'config': self.config.to_dict(), 'name': self.name}

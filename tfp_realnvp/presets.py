@@ -19,6 +19,8 @@ class RealNVPConfig:
     l2: L2 decay on the weight-norm scales `g` and the coupling's tanh scale.
     learning_rate, clipnorm: Adam's rate and the global-norm clipping of the official code.
     dtype: dtype of the flow and its variables.
+    compute_dtype: None, or 'bfloat16' / 'float16' for mixed precision inside the coupling
+      networks only (the flow, log-dets and loss stay in `dtype`).
     validate_args: check inputs (pixel range, NaN) at run time.
   """
   image_shape: tuple = (32, 32, 3)
@@ -32,6 +34,7 @@ class RealNVPConfig:
   learning_rate: float = 1e-3
   clipnorm: float = 100.
   dtype: str = 'float32'
+  compute_dtype: str = None
   validate_args: bool = True
 
   def __post_init__(self):
@@ -39,6 +42,10 @@ class RealNVPConfig:
     for field in ('num_scales', 'num_blocks', 'num_filters'):
       if getattr(self, field) < 1:
         raise ValueError(f'RealNVPConfig.{field} must be at least 1, got {getattr(self, field)}.')
+
+    if self.compute_dtype not in (None, 'bfloat16', 'float16'):
+      raise ValueError(f"RealNVPConfig.compute_dtype must be None, 'bfloat16' or 'float16', got "
+                       f'{self.compute_dtype!r}.')
 
   def replace(self, **overrides):
     unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

@@ -32,7 +32,8 @@ class AffineCoupling(FlowBijector):
   The network sees only `b * x`, which the forward leaves unchanged, so the inverse recomputes the
   same `(s, t)`; neither needs the network's own Jacobian. The network is a Keras layer called as
   `network(inputs, training=...) -> (s, t)`, each `[N, H, W, C]`; its input is `b * x` with one
-  more channel, the mask itself (which sites are given, and where the image ends under zero padding).
+  more channel: the checkerboard (which sites are given) or, for channel masks, ones (where the
+  image ends under zero padding).
   It should bound `s` (Real NVP: `s = scale * tanh(.)`, see `tfp_realnvp.nets.CouplingNet`).
 
   The network runs once per call of `forward_and_log_det` / `inverse_and_log_det`.
@@ -54,6 +55,9 @@ class AffineCoupling(FlowBijector):
       raise ValueError(f'{name}: the mask must broadcast to the event shape '
                        f'{list(self.event_shape_in)}, got a mask of shape {list(mask.shape)}.')
     self._mask = tf.constant(mask, dtype=self.dtype)
+    # The network's extra input channel: the checkerboard itself, or ones for channel masks
+    # (which mark where the image ends under the convolutions' zero padding).
+    self._mask_channel = tf.reduce_max(self._mask, axis=-1, keepdims=True)
     self._network = network
 
   @property
@@ -70,7 +74,7 @@ class AffineCoupling(FlowBijector):
 
   def _shift_and_log_scale(self, x, training):
     b = self._mask
-    mask_channel = tf.broadcast_to(b[..., :1], tf.concat([tf.shape(x)[:3], [1]], axis=0))
+    mask_channel = tf.broadcast_to(self._mask_channel, tf.concat([tf.shape(x)[:3], [1]], axis=0))
     s, t = self._network(tf.concat([b * x, mask_channel], axis=-1), training=training)
     return (1. - b) * s, (1. - b) * t
 

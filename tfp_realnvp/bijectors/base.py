@@ -24,14 +24,15 @@ class FlowBijector(tfb.Bijector):
   """
 
   def __init__(self, event_shape, validate_args=False, parameters=None, name=None,
-               dtype=tf.float32):
+               dtype=tf.float32, is_constant_jacobian=False):
     event_shape = tuple(int(d) for d in event_shape)
     if len(event_shape) != 3 or min(event_shape) < 1:
       raise ValueError(f'{name}: event_shape must be [H, W, C] with positive sizes, '
                        f'got {list(event_shape)}.')
     self._event_shape_in = event_shape
     super().__init__(forward_min_event_ndims=3, validate_args=validate_args,
-                     parameters=parameters, name=name, dtype=tf.as_dtype(dtype))
+                     parameters=parameters, name=name, dtype=tf.as_dtype(dtype),
+                     is_constant_jacobian=is_constant_jacobian)
 
   @property
   def event_shape_in(self):

