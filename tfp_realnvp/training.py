@@ -108,7 +108,10 @@ class Checkpointer:
 
   def __init__(self, workdir, model, strategy=None, keep=3):
     self.directory = os.path.join(workdir, 'checkpoints')
-    self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    # Every variable by position (Keras layers in lists are invisible to TF's object graph, which
+    # would drop e.g. the residual blocks' batch-norm statistics).
+    self.checkpoint = tf.train.Checkpoint(variables=list(model.variables),
+                                          optimizer=model.optimizer)
     self.model = model
     chief = strategy is None or is_chief(strategy)
     directory = self.directory if chief else tempfile.mkdtemp(prefix='realnvp_worker_ckpt_')
@@ -129,7 +132,7 @@ class Checkpointer:
     self.model.optimizer.build(self.model.trainable_variables)
     try:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
+    except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
       raise RunError(f'Checkpoint {latest} cannot be restored ({type(e).__name__}: '
                      f'{str(e).splitlines()[0][:300]}). Delete it to fall back to an earlier one.'
                      ) from None
