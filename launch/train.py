@@ -86,7 +86,10 @@ def main(argv):
     log_dir = os.path.join(FLAGS.workdir, 'logs')
     callbacks += [keras.callbacks.TensorBoard(log_dir, update_freq='epoch'),
                   training.SampleGrid(log_dir, temperature=FLAGS.temperature)]
-  batches = training_batches(data, global_batch, seed=FLAGS.seed)
+  # Keras reduces a first batch across workers, and collective ops take no uint8.
+  multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+  batches = training_batches(data, global_batch, seed=FLAGS.seed,
+                             dtype=tf.int32 if multi_worker else tf.uint8)
   started = time.time()
   history = training.fit_resumable(model, batches, FLAGS.epochs, steps, start, callbacks)
   train_seconds = time.time() - started

@@ -225,15 +225,19 @@ _TFDS_PREPROCESSING = {
 }
 
 
-def training_batches(data, global_batch_size, seed=None, shuffle_buffer=10_000):
-  """Shuffled, augmented, repeated uint8 batches `[B, H, W, C]`, prefetched."""
+def training_batches(data, global_batch_size, seed=None, shuffle_buffer=10_000, dtype=tf.uint8):
+  """Shuffled, augmented, repeated integer batches `[B, H, W, C]` (uint8, or `dtype` where a
+  collective op cannot carry uint8), prefetched."""
   dataset = data.train
   if data.num_train is not None and data.num_train <= 100_000 and not data.augment:
     dataset = dataset.cache()
   dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
   if data.augment:
     dataset = dataset.map(data.augment, tf.data.AUTOTUNE)
-  return dataset.batch(global_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  dataset = dataset.batch(global_batch_size, drop_remainder=True)
+  if dtype != tf.uint8:
+    dataset = dataset.map(lambda images: tf.cast(images, dtype))
+  return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def evaluation_batches(data, global_batch_size):

@@ -29,6 +29,14 @@ def to_uint8(pixels):
   return tf.cast(tf.clip_by_value(tf.floor(pixels), 0., 255.), tf.uint8)
 
 
+def _for_keras_reduction(metrics):
+  """Keras 3.15 reduces step outputs across workers with `reduce(MEAN, v, axis=0)`, which fails
+  on scalars under MultiWorkerMirroredStrategy: give it shape [1] there."""
+  if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+    return {name: tf.reshape(value, [1]) for name, value in metrics.items()}
+  return metrics
+
+
 @keras.saving.register_keras_serializable(package='tfp_realnvp')
 class RealNVP(keras.Model):
   """Real NVP (Dinh et al., 2017): an exact density on images `[H, W, C]`, pixels in [0, 256).
@@ -178,7 +186,10 @@ class RealNVP(keras.Model):
     self.optimizer.apply_gradients(zip(gradients, variables))
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     self._loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(images)[0])
-    return self.compute_metrics(images, None, bits)
+    return _for_keras_reduction(self.compute_metrics(images, None, bits))
+
+  def test_step(self, data):
+    return _for_keras_reduction(super().test_step(data))
 
   def _clipped(self, gradients):
     if not getattr(self, '_clipnorm', None):

@@ -27,12 +27,12 @@ def build_strategy(name='auto'):
   local GPU (or every logical CPU when there is none); multi_worker: from TF_CONFIG."""
   if name not in STRATEGIES:
     raise RunError(f'Unknown strategy {name!r}; choose one of {", ".join(STRATEGIES)}.')
-  gpus = tf.config.list_logical_devices('GPU')
-  if name == 'multi_worker':
+  if name == 'multi_worker':  # before anything starts TF's runtime (listing devices does)
     if 'TF_CONFIG' not in os.environ:
       raise RunError('--strategy=multi_worker needs the TF_CONFIG environment variable '
                      '(cluster and task); see tf.distribute.MultiWorkerMirroredStrategy.')
     return tf.distribute.MultiWorkerMirroredStrategy()
+  gpus = tf.config.list_logical_devices('GPU')
   if name == 'one_device':
     return tf.distribute.OneDeviceStrategy((gpus or tf.config.list_logical_devices('CPU'))[0].name)
   if name == 'mirrored':

