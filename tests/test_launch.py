@@ -164,7 +164,7 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
   np.savez(empty, x_train=np.zeros([0, 8, 8, 1], np.uint8), x_test=np.zeros([0, 8, 8, 1], np.uint8))
   cases = [
       (['--dataset=cifar100'], "Unknown dataset 'cifar100'"),
-      ([f'--dataset={digits[0]}', '--num_scales=4'], 'cannot be squeezed 3 times'),
+      ([f'--dataset={digits[0]}', '--num_scales=5'], 'cannot be squeezed 4 times'),
       ([f'--dataset={digits[0]}', '--num_filters=4'], 'different model config'),
       ([f'--dataset=npz:{corrupt}'], 'cannot be read'),
       ([f'--dataset=npz:{empty}'], 'non-empty'),
@@ -173,7 +173,8 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
   for flags, message in cases:
     workdir = trained if 'different' in message else str(tmp_path / 'w')
     start = time.time()
-    result = launch('train', f'--workdir={workdir}', *SMALL, *flags)
+    result = launch('train', f'--workdir={workdir}', *SMALL, '--epochs=1', '--steps_per_epoch=2',
+                    *flags)
     assert result.returncode == 2, (flags, result.stderr[-2000:])
     assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
     assert time.time() - start < 60, flags  # no waiting on a download

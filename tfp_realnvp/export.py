@@ -26,9 +26,9 @@ class ServingModule(tf.Module):
   def __init__(self, model):
     super().__init__(name='real_nvp_serving')
     shape = model.image_shape
-    # Only the variables are tracked, not the Keras model or TFP objects, so that loading needs
-    # nothing beyond TensorFlow.
-    self.variables_ = list(model.variables)
+    # Only the (tf.Variable) variables are tracked, not the Keras model or TFP objects, so that
+    # loading needs nothing beyond TensorFlow, and TF1 loaders (saved_model_cli run) find them.
+    self.variables_ = [v.value for v in model.variables]
     num_dims = math.prod(shape)
     images_spec = tf.TensorSpec([None, *shape], tf.uint8, name='images')
     latent_spec = tf.TensorSpec([None, *shape], tf.float32, name='latent')

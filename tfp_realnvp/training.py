@@ -122,21 +122,29 @@ class Checkpointer:
   def step(self):
     return int(self.model.optimizer.iterations.numpy())
 
-  def restore_latest(self, required=False):
-    """Restores the latest checkpoint; returns its step, or None when there is none."""
+  def restore_latest(self, required=False, with_optimizer=True):
+    """Restores the latest checkpoint (without the optimizer's state for inference); returns its
+    step, or None when there is none."""
     latest = tf.train.latest_checkpoint(self.directory)
     if latest is None:
       if required:
         raise RunError(f'No checkpoint in {self.directory}: train first (launch.train).')
       return None
-    self.model.optimizer.build(self.model.trainable_variables)
+    if with_optimizer:
+      self.model.optimizer.build(self.model.trainable_variables)
+      checkpoint = self.checkpoint
+    else:
+      checkpoint = tf.train.Checkpoint(variables=list(self.model.variables))
     try:
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      status = checkpoint.restore(latest)
+      status.assert_existing_objects_matched()
     except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
       raise RunError(f'Checkpoint {latest} cannot be restored ({type(e).__name__}: '
                      f'{str(e).splitlines()[0][:300]}). Delete it to fall back to an earlier one.'
                      ) from None
-    return self.step
+    if not with_optimizer:
+      status.expect_partial()
+    return int(latest.rsplit('-', 1)[1])  # saved under its step
 
   def save(self):
     path = self.manager.save(checkpoint_number=self.step)
@@ -242,5 +250,5 @@ def restore_model(workdir):
   run_config = read_run_config(workdir)
   model = model_from_run_config(run_config)
   model.compile()
-  step = Checkpointer(workdir, model).restore_latest(required=True)
+  step = Checkpointer(workdir, model).restore_latest(required=True, with_optimizer=False)
   return model, run_config, step

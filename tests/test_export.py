@@ -1,0 +1,152 @@
+"""SavedModel export: served by plain TensorFlow in a fresh process, without this package or TFP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import randomize
+import tfp_realnvp as rn
+from tfp_realnvp import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = rn.RealNVPConfig((8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
+
+# Runs in a fresh process where tfp_realnvp and TFP cannot be imported.
+SERVE = r'''
+import json, sys
+sys.modules['tfp_realnvp'] = None
+sys.modules['tensorflow_probability'] = None
+import numpy as np
+import tensorflow as tf
+
+loaded = tf.saved_model.load(sys.argv[1])
+images = tf.constant(np.load(sys.argv[2]))
+out = {'signatures': sorted(loaded.signatures)}
+scores = loaded.signatures['log_prob'](images=images)
+out['log_prob'] = scores['log_prob'].numpy().tolist()
+out['bits_per_dim'] = scores['bits_per_dim'].numpy().tolist()
+out['default'] = loaded.signatures['serving_default'](images=images)['log_prob'].numpy().tolist()
+latent = loaded.signatures['encode'](images=images)['latent']
+out['latent'] = latent.numpy().tolist()
+out['decoded'] = loaded.signatures['decode'](latent=latent)['images'].numpy().tolist()
+sample = lambda n, t, s: loaded.signatures['sample'](
+    num_samples=tf.constant(n), temperature=tf.constant(t), seed=tf.constant(s, tf.int64))['images']
+first, again, other = sample(3, 0.7, 5), sample(3, 0.7, 5), sample(3, 0.7, 6)
+out['sample_dtype'] = first.dtype.name
+out['sample_shape'] = first.shape.as_list()
+out['same_seed_same_images'] = bool(np.array_equal(first, again))
+out['other_seed_other_images'] = not np.array_equal(first, other)
+errors = {}
+requests = {
+    'wrong_rank': lambda: loaded.signatures['log_prob'](images=images[0]),
+    'wrong_channels': lambda: loaded.signatures['log_prob'](images=tf.zeros([1, 8, 8, 3], tf.uint8)),
+    'wrong_size': lambda: loaded.signatures['encode'](images=tf.zeros([1, 9, 8, 1], tf.uint8)),
+    'float_images': lambda: loaded.signatures['log_prob'](images=tf.cast(images, tf.float32)),
+    'no_samples': lambda: sample(0, 0.7, 1),
+    'huge_samples': lambda: sample(10 ** 6, 0.7, 1),
+    'zero_temperature': lambda: sample(2, 0.0, 1),
+    'nan_latent': lambda: loaded.signatures['decode'](latent=tf.fill([1, 8, 8, 1], float('nan'))),
+}
+for name, request in requests.items():
+  try:
+    request()
+    errors[name] = None
+  except Exception as e:
+    errors[name] = f'{type(e).__name__}: {e}'[:400]
+out['errors'] = errors
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  model = rn.RealNVP(CONFIG)
+  randomize(model.flow_layers, seed=0, scale=0.1, variance=(0.8, 1.2))
+  path = str(tmp_path_factory.mktemp('export') / 'model')
+  assert rn.export_saved_model(model, path) == path
+  images = np.random.default_rng(0).integers(0, 256, [5, 8, 8, 1], dtype=np.uint8)
+  np.save(os.path.join(os.path.dirname(path), 'images.npy'), images)
+  return model, path, images
+
+
+@pytest.fixture(scope='module')
+def served(exported):
+  _, path, _ = exported
+  result = subprocess.run([sys.executable, '-c', SERVE, path,
+                           os.path.join(os.path.dirname(path), 'images.npy')],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_plain_tensorflow_serves_the_same_density_and_latent(exported, served):
+  model, _, images = exported
+  assert served['signatures'] == ['decode', 'encode', 'log_prob', 'sample', 'serving_default']
+  expected = model.log_prob(images.astype(np.float32) + 0.5)  # pixel centres
+  np.testing.assert_allclose(served['log_prob'], expected, rtol=1e-5)
+  np.testing.assert_allclose(served['default'], expected, rtol=1e-5)
+  np.testing.assert_allclose(served['bits_per_dim'], model.bits_per_dim(images.astype(np.float32)
+                                                                        + 0.5), rtol=1e-5)
+  np.testing.assert_allclose(served['latent'], model.encode(images), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(served['decoded'], images)  # decode(encode(x)) gives x back
+
+
+def test_sampling_is_seeded(served):
+  assert served['sample_dtype'] == 'uint8' and served['sample_shape'] == [3, 8, 8, 1]
+  assert served['same_seed_same_images'] and served['other_seed_other_images']
+
+
+def test_bad_requests_get_clear_errors(served):
+  errors = served['errors']
+  for name in ('wrong_rank', 'wrong_channels', 'wrong_size', 'float_images'):
+    assert errors[name] and ('signature' in errors[name] or 'Could not find matching' in
+                             errors[name] or 'incompatible' in errors[name]), (name, errors[name])
+  assert 'num_samples must be at least 1' in errors['no_samples']
+  assert 'num_samples must be at most 4096' in errors['huge_samples']
+  assert 'temperature must be > 0' in errors['zero_temperature']
+  assert 'NaN or inf' in errors['nan_latent']
+
+
+def test_saved_model_cli_shows_and_runs_the_signatures(exported, tmp_path):
+  _, path, images = exported
+  cli = os.path.join(os.path.dirname(sys.executable), 'saved_model_cli')
+  shown = subprocess.run([cli, 'show', '--dir', path, '--all'], capture_output=True, text=True,
+                         timeout=300)
+  assert shown.returncode == 0, shown.stderr[-2000:]
+  for name in ('serving_default', 'log_prob', 'sample', 'encode', 'decode'):
+    assert f"signature_def['{name}']" in shown.stdout
+  assert 'bits_per_dim' in shown.stdout and 'num_samples' in shown.stdout
+  ran = subprocess.run([cli, 'run', '--dir', path, '--tag_set', 'serve', '--signature_def',
+                        'log_prob', '--inputs', f'images={os.path.dirname(path)}/images.npy',
+                        '--outdir', str(tmp_path)], capture_output=True, text=True, timeout=300)
+  assert ran.returncode == 0, ran.stderr[-2000:]
+  bits = np.load(tmp_path / 'bits_per_dim.npy')
+  np.testing.assert_allclose(bits, exported[0].bits_per_dim(images.astype(np.float32) + 0.5),
+                             rtol=1e-5)
+
+
+def test_launch_export_restores_the_latest_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  model = rn.RealNVP(CONFIG)
+  model.compile()
+  randomize(model.flow_layers, seed=3, scale=0.1, variance=(0.8, 1.2))
+  training.save_or_check_run_config(workdir, {'model': CONFIG.to_dict(), 'data': {}, 'train': {}})
+  training.Checkpointer(workdir, model).save()
+  export_dir = str(tmp_path / 'exported')
+  result = subprocess.run([sys.executable, '-m', 'launch.export', f'--workdir={workdir}',
+                           f'--export_dir={export_dir}'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  import tensorflow as tf
+  loaded = tf.saved_model.load(export_dir)
+  images = np.random.default_rng(1).integers(0, 256, [3, 8, 8, 1], dtype=np.uint8)
+  np.testing.assert_allclose(loaded.signatures['log_prob'](images=tf.constant(images))['log_prob'],
+                             model.log_prob(images.astype(np.float32) + 0.5), rtol=1e-5)
+  missing = subprocess.run([sys.executable, '-m', 'launch.export', f'--workdir={tmp_path}/none',
+                            f'--export_dir={export_dir}2'], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+  assert missing.returncode == 2 and 'no config.json' in missing.stderr
