@@ -150,3 +150,13 @@ def test_launch_export_restores_the_latest_checkpoint(tmp_path):
                             f'--export_dir={export_dir}2'], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
   assert missing.returncode == 2 and 'no config.json' in missing.stderr
+
+
+def test_keras_export_path_serves_bits_per_dim(tmp_path):
+  import tensorflow as tf
+  model = rn.RealNVP(CONFIG)
+  randomize(model.flow_layers, seed=2, scale=0.1, variance=(0.8, 1.2))
+  model.export(str(tmp_path / 'keras'), format='tf_saved_model', verbose=False)
+  loaded = tf.saved_model.load(str(tmp_path / 'keras'))
+  pixels = np.random.default_rng(0).uniform(0, 256, [3, 8, 8, 1]).astype(np.float32)
+  np.testing.assert_allclose(loaded.serve(pixels), model.bits_per_dim(pixels), rtol=1e-5)
