@@ -88,10 +88,13 @@ def main(argv):
                   training.SampleGrid(log_dir, temperature=FLAGS.temperature)]
   # Keras reduces a first batch across workers, and collective ops take no uint8.
   multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-  batches = training_batches(data, global_batch, seed=FLAGS.seed,
-                             dtype=tf.int32 if multi_worker else tf.uint8)
+  integers = tf.int32 if multi_worker else tf.uint8
+  batches = training_batches(data, global_batch, seed=FLAGS.seed, dtype=integers)
+  # Validation bits/dim per epoch (Keras' evaluation: fresh noise each time) for TensorBoard.
+  validation = evaluation_batches(data, global_batch, dtype=integers)
   started = time.time()
-  history = training.fit_resumable(model, batches, FLAGS.epochs, steps, start, callbacks)
+  history = training.fit_resumable(model, batches, FLAGS.epochs, steps, start, callbacks,
+                                   validation_data=validation)
   train_seconds = time.time() - started
 
   test_bits = training.evaluate_bits_per_dim(model, evaluation_batches(data, global_batch),

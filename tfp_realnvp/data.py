@@ -240,6 +240,9 @@ def training_batches(data, global_batch_size, seed=None, shuffle_buffer=10_000, 
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def evaluation_batches(data, global_batch_size):
-  """The whole test split once, in order, uint8 batches (the last may be smaller)."""
-  return data.test.batch(global_batch_size).prefetch(tf.data.AUTOTUNE)
+def evaluation_batches(data, global_batch_size, dtype=tf.uint8):
+  """The whole test split once, in order, uint8 (or `dtype`) batches (the last may be smaller)."""
+  dataset = data.test.batch(global_batch_size)
+  if dtype != tf.uint8:
+    dataset = dataset.map(lambda images: tf.cast(images, dtype))
+  return dataset.prefetch(tf.data.AUTOTUNE)

@@ -215,19 +215,21 @@ def steps_per_epoch(num_train, global_batch_size, requested=None):
   return num_train // global_batch_size
 
 
-def fit_resumable(model, batches, epochs, steps, start_step, callbacks, verbose='auto'):
+def fit_resumable(model, batches, epochs, steps, start_step, callbacks, verbose='auto',
+                  validation_data=None):
   """Keras `fit` from step `start_step` to `epochs * steps`, resuming mid-epoch if needed."""
   done_epochs, offset = divmod(start_step, steps)
   history = {}
   if offset and done_epochs < epochs:  # finish the interrupted epoch first
     h = model.fit(batches, initial_epoch=done_epochs, epochs=done_epochs + 1,
                   steps_per_epoch=steps - offset, callbacks=callbacks, verbose=verbose,
-                  shuffle=False)
+                  shuffle=False, validation_data=validation_data)
     history = dict(h.history)
     done_epochs += 1
   if done_epochs < epochs:
     h = model.fit(batches, initial_epoch=done_epochs, epochs=epochs, steps_per_epoch=steps,
-                  callbacks=callbacks, verbose=verbose, shuffle=False)
+                  callbacks=callbacks, verbose=verbose, shuffle=False,
+                  validation_data=validation_data)
     for key, values in h.history.items():
       history.setdefault(key, []).extend(values)
   return history
