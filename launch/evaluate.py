@@ -8,10 +8,10 @@ Dequantization noise as in the paper (U[0, 1) per pixel), `--noise_draws` draws 
 
 import json
 
-from absl import app
+from absl import app, flags
 
 from launch import flags as launch_flags
-from launch.common import fail_clearly
+from launch.common import fail_clearly, run_data
 from tfp_realnvp import training
 from tfp_realnvp.data import evaluation_batches
 
@@ -21,12 +21,8 @@ FLAGS = launch_flags.FLAGS
 @fail_clearly
 def main(argv):
   del argv
-  if not FLAGS.workdir:
-    raise training.RunError('--workdir is required.')
   model, run_config, step = training.restore_model(FLAGS.workdir)
-  data_config = run_config['data']
-  data = launch_flags.load_data(data_config['dataset'], FLAGS.data_dir or data_config['data_dir'],
-                                data_config['image_size'])
+  data = run_data(run_config)
   train_config = run_config['train']
   batch = train_config['batch_size'] * train_config['replicas']
   bits = training.evaluate_bits_per_dim(model, evaluation_batches(data, batch), FLAGS.noise_draws)
@@ -35,4 +31,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.mark_flag_as_required('workdir')
   app.run(main)

@@ -18,8 +18,6 @@ flags.DEFINE_string('export_dir', None, 'Where to write the SavedModel.')
 @fail_clearly
 def main(argv):
   del argv
-  if not FLAGS.workdir or not FLAGS.export_dir:
-    raise training.RunError('--workdir and --export_dir are required.')
   model, _, step = training.restore_model(FLAGS.workdir)
   export_saved_model(model, FLAGS.export_dir)
   print(f'exported step {step} to {FLAGS.export_dir} (signatures: serving_default, log_prob, '
@@ -27,4 +25,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'export_dir'])
   app.run(main)

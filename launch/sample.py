@@ -7,7 +7,7 @@
 from absl import app, flags
 
 from launch import flags as launch_flags
-from launch.common import fail_clearly
+from launch.common import fail_clearly, run_data
 from tfp_realnvp import training
 from tfp_realnvp.images import save_png
 from tfp_realnvp.model import to_uint8
@@ -23,14 +23,9 @@ flags.DEFINE_integer('grid_size', 8, 'Side of the interpolation grid.', lower_bo
 @fail_clearly
 def main(argv):
   del argv
-  if not FLAGS.workdir:
-    raise training.RunError('--workdir is required.')
   model, run_config, _ = training.restore_model(FLAGS.workdir)
   if FLAGS.interpolate:
-    data_config = run_config['data']
-    data = launch_flags.load_data(data_config['dataset'], FLAGS.data_dir or data_config['data_dir'],
-                                  data_config['image_size'])
-    images = next(iter(data.test.batch(4)))
+    images = next(iter(run_data(run_config).test.batch(4)))
     if images.shape[0] < 4:
       raise training.RunError('--interpolate needs 4 test images.')
     pixels, columns = training.latent_manifold(model, images, FLAGS.grid_size), FLAGS.grid_size
@@ -41,4 +36,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.mark_flag_as_required('workdir')
   app.run(main)

@@ -31,7 +31,7 @@ def read_images(source, image_shape):
     images = np.stack(list(images.as_numpy_iterator()))
     names = [f'{source}[{i}]' for i in range(len(images))]
   elif os.path.isdir(source):
-    images = data_lib._read_folder(source, image_shape[0])
+    images = data_lib.read_image_folder(source, image_shape[0])
     if image_shape[-1] == 1:
       images = np.round(images.mean(-1, keepdims=True)).astype(np.uint8)
     names = sorted(p for p in os.listdir(source))
@@ -41,7 +41,7 @@ def read_images(source, image_shape):
   else:
     raise data_lib.DataError(f'--images={source!r}: expected an existing .npy file, npz:PATH or '
                              'a folder of images.')
-  images = data_lib._as_images(images, source)
+  images = data_lib.as_images(images, source)
   if images.shape[1:] != tuple(image_shape):
     raise data_lib.DataError(f'{source}: the model takes images {list(image_shape)}, got '
                              f'{list(images.shape[1:])}.')
@@ -51,8 +51,6 @@ def read_images(source, image_shape):
 @fail_clearly
 def main(argv):
   del argv
-  if not FLAGS.workdir or not FLAGS.images:
-    raise training.RunError('--workdir and --images are required.')
   model, _, _ = training.restore_model(FLAGS.workdir)
   images, names = read_images(FLAGS.images, model.image_shape)
   bits = np.zeros(len(images))
@@ -74,4 +72,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'images'])
   app.run(main)

@@ -8,7 +8,7 @@ Rerunning the same command resumes from the latest checkpoint.
 import os
 import time
 
-from absl import app, logging
+from absl import app, flags, logging
 import keras
 import tensorflow as tf
 
@@ -58,8 +58,6 @@ def run_config(data, config, strategy):
 @fail_clearly
 def main(argv):
   del argv
-  if not FLAGS.workdir:
-    raise training.RunError('--workdir is required.')
   if FLAGS.cpu_devices:
     training.split_cpu(FLAGS.cpu_devices)
   strategy = training.build_strategy(FLAGS.strategy)
@@ -112,4 +110,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.mark_flag_as_required('workdir')
   app.run(main)

