@@ -27,7 +27,8 @@ class Throughput(keras.callbacks.Callback):
 
   def __init__(self, global_batch):
     super().__init__()
-    self.global_batch, self.steps, self.seconds, self._start = global_batch, 0, 0., None
+    self.global_batch, self.steps, self.seconds = global_batch, 0, 0.
+    self._start, self._first_done = None, False
 
   def on_train_batch_begin(self, batch, logs=None):
     self._start = time.perf_counter()
@@ -37,8 +38,6 @@ class Throughput(keras.callbacks.Callback):
       self.steps += 1
       self.seconds += time.perf_counter() - self._start
     self._first_done = True
-
-  _first_done = False
 
   @property
   def images_per_second(self):

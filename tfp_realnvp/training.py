@@ -160,8 +160,12 @@ class CheckpointEvery(keras.callbacks.Callback):
     super().__init__()
     self.checkpointer, self.every_steps = checkpointer, every_steps
 
+  def on_train_begin(self, logs=None):
+    self._step = self.checkpointer.step  # counted here after, not read from the device each step
+
   def on_train_batch_end(self, batch, logs=None):
-    if self.every_steps and self.checkpointer.step % self.every_steps == 0:
+    self._step += 1
+    if self.every_steps and self._step % self.every_steps == 0:
       self.checkpointer.save()
 
   def on_epoch_end(self, epoch, logs=None):
