@@ -29,7 +29,7 @@ flags.DEFINE_float('l2', None, 'L2 decay on the weight-norm scales.', lower_boun
 flags.DEFINE_float('learning_rate', None, 'Adam learning rate.', lower_bound=0.)
 flags.DEFINE_float('clipnorm', None, 'Global-norm gradient clipping.', lower_bound=0.)
 flags.DEFINE_enum('mixed_precision', None, ['bfloat16', 'float16'], 'Compute dtype of the '
-                  'coupling networks (GPU); log-dets and the loss stay float32.')
+                  'coupling networks (GPUs; bfloat16 also on CPUs with AVX512_BF16); log-dets and the loss stay float32.')
 flags.DEFINE_bool('validate_args', None, 'Check pixel ranges and NaNs at run time.')
 
 flags.DEFINE_integer('batch_size', 64, 'Images per replica per step; the global batch is this '
@@ -63,9 +63,14 @@ def model_config(data):
   preset = (FLAGS.preset or _PRESET_BY_DATASET.get(data.name) or
             ('lsun' if data.name.startswith('lsun/') else None) or
             _PRESET_BY_SIZE.get(tuple(data.image_shape[:2]), 'cifar10'))
+  return presets.get(preset, image_shape=data.image_shape, **model_overrides())
+
+
+def model_overrides():
+  """The model fields that flags set (mixed precision included)."""
   overrides = {name: FLAGS[name].value for name in _MODEL_FLAGS if FLAGS[name].value is not None}
   overrides['compute_dtype'] = FLAGS.mixed_precision
-  return presets.get(preset, image_shape=data.image_shape, **overrides)
+  return overrides
 
 
 def load_data(dataset=None, data_dir=None, image_size=None):

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_realnvp import presets
+from tfp_realnvp import optimizers, presets
 from tfp_realnvp.bijectors.batch_norm import BatchStatistics
 from tfp_realnvp.bijectors.multiscale import multiscale_flow
 from tfp_realnvp.nets import CouplingNet
@@ -166,13 +166,16 @@ class RealNVP(keras.Model):
     # global_clipnorm sees each replica's part); under float16 loss scaling the optimizer does.
     self._clipnorm = None if float16 else self.config.clipnorm
     if optimizer is None:
-      optimizer = keras.optimizers.Adam(
+      optimizer = optimizers.Adam(
           self.config.learning_rate, global_clipnorm=self.config.clipnorm if float16 else None)
     if float16 and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     self._flow_forward = (tf.function(self.flow.forward_and_log_det, jit_compile=True)
                           if jit_compile else self.flow.forward_and_log_det)
     super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
+    # Built here, not inside the first traced step: creating variables there makes
+    # tf.function trace the whole step twice.
+    self.optimizer.build(self.trainable_variables)
 
   def train_step(self, data):
     """Keras' step, but with global-norm clipping over the replicas' summed gradient."""

@@ -2,6 +2,9 @@
 
 import keras
 from keras import ops
+import tensorflow as tf
+
+from tfp_realnvp.bijectors.batch_norm import synchronized_moments
 
 
 class WeightNormConv2D(keras.layers.Layer):
@@ -35,15 +38,65 @@ class WeightNormConv2D(keras.layers.Layer):
             'l2': self.l2, 'zero_init': self.zero_init}
 
 
+class BatchNormalization(keras.layers.Layer):
+  """Batch normalization of the coupling networks: `gamma * (x - mean) / sqrt(var + eps) + beta`.
+
+  In training, the batch's per-channel moments (synchronized across replicas), and running
+  averages `m <- momentum * m + (1 - momentum) * batch`; in inference, the running averages. The
+  same variables and arithmetic as Keras' layer, but on one replica it is TF's fused kernel: one
+  op forward and one backward, which keep only the input for the gradient (Keras' layer is a
+  dozen ops, with their intermediates kept).
+  """
+
+  def __init__(self, momentum=0.9, epsilon=1e-4, **kwargs):
+    super().__init__(**kwargs)
+    self.momentum, self.epsilon = momentum, epsilon
+
+  def build(self, input_shape):
+    channels = (input_shape[-1],)
+    # float32 even under mixed precision: the fused kernel takes them so.
+    weight = dict(shape=channels, autocast=False)
+    self.gamma = self.add_weight(name='gamma', initializer='ones', **weight)
+    self.beta = self.add_weight(name='beta', initializer='zeros', **weight)
+    self.moving_mean = self.add_weight(name='moving_mean', initializer='zeros', trainable=False,
+                                       aggregation='mean', **weight)
+    self.moving_variance = self.add_weight(name='moving_variance', initializer='ones',
+                                           trainable=False, aggregation='mean', **weight)
+
+  def call(self, x, training=False):
+    if not training:
+      return self._fused(x, self.moving_mean, self.moving_variance, is_training=False)[0]
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+      y, mean, variance = self._fused(x, [], [], is_training=True)
+      count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), variance.dtype)
+      variance *= (count - 1.) / count  # the kernel returns the unbiased variance
+    else:
+      mean, variance = synchronized_moments(tf.cast(x, tf.float32))
+      inverse_std = self.gamma * tf.math.rsqrt(variance + self.epsilon)
+      y = x * tf.cast(inverse_std, x.dtype) + tf.cast(self.beta - mean * inverse_std, x.dtype)
+    for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+      moving.assign(self.momentum * moving + (1. - self.momentum) * tf.stop_gradient(batch))
+    return y
+
+  def _fused(self, x, mean, variance, is_training):
+    return tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=self.gamma, offset=self.beta, mean=mean, variance=variance,
+        epsilon=self.epsilon, is_training=is_training)[:3]
+
+  def get_config(self):
+    return {**super().get_config(), 'momentum': self.momentum, 'epsilon': self.epsilon}
+
+
 class ResidualBlock(keras.layers.Layer):
   """Pre-activation block: `x + conv(relu(bn(conv(relu(bn(x))))))`, 3x3 weight-norm convs."""
 
   def __init__(self, filters, l2=0., momentum=0.9, **kwargs):
     super().__init__(**kwargs)
-    norm = dict(momentum=momentum, epsilon=1e-4, synchronized=True, dtype=self.dtype_policy)
-    self.norm1 = keras.layers.BatchNormalization(**norm)
+    norm = dict(momentum=momentum, epsilon=1e-4, dtype=self.dtype_policy)
+    self.norm1 = BatchNormalization(**norm)
     self.conv1 = WeightNormConv2D(filters, 3, l2, dtype=self.dtype_policy)
-    self.norm2 = keras.layers.BatchNormalization(**norm)
+    self.norm2 = BatchNormalization(**norm)
     self.conv2 = WeightNormConv2D(filters, 3, l2, dtype=self.dtype_policy)
 
   def call(self, x, training=False):
@@ -68,8 +121,7 @@ class CouplingNet(keras.layers.Layer):
     self.conv_in = WeightNormConv2D(num_filters, 3, l2, dtype=policy)
     self.blocks = [ResidualBlock(num_filters, l2, momentum, dtype=policy)
                    for _ in range(num_blocks)]
-    self.norm_out = keras.layers.BatchNormalization(momentum=momentum, epsilon=1e-4,
-                                                    synchronized=True, dtype=policy)
+    self.norm_out = BatchNormalization(momentum, 1e-4, dtype=policy)
     self.conv_out = WeightNormConv2D(2 * channels, 3, l2, zero_init=True, dtype=policy)
 
   def build(self, input_shape):

@@ -48,9 +48,14 @@ class FlowBijector(tfb.Bijector):
     return shape
 
   @property
+  def parts(self):
+    """The bijectors this one is made of (none for a single layer)."""
+    return ()
+
+  @property
   def keras_layers(self):
     """The Keras layers holding this bijector's variables (a Keras model must own them)."""
-    return []
+    return [layer for part in self.parts for layer in part.keras_layers]
 
   def forward_and_log_det(self, x, training=False):
     """Returns `(forward(x), forward_log_det_jacobian(x))` from one pass."""
@@ -139,8 +144,8 @@ class Sequential(FlowBijector):
     return self._shape_out
 
   @property
-  def keras_layers(self):
-    return [layer for b in self._bijectors for layer in b.keras_layers]
+  def parts(self):
+    return tuple(self._bijectors)
 
   def _forward_and_log_det(self, x, training):
     total = tf.zeros(tf.shape(x)[:1], x.dtype)
@@ -170,8 +175,8 @@ class Inverted(FlowBijector):
     return self._bijector.event_shape_in
 
   @property
-  def keras_layers(self):
-    return self._bijector.keras_layers
+  def parts(self):
+    return (self._bijector,)
 
   def _forward_and_log_det(self, x, training):
     return self._bijector.inverse_and_log_det(x, training)

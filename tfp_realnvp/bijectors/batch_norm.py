@@ -29,7 +29,7 @@ class BatchStatistics(keras.layers.Layer):
   def call(self, x, training=False):
     if not training:
       return self.moving_mean, self.moving_variance
-    mean, variance = _synchronized_moments(x)
+    mean, variance = synchronized_moments(x)
     for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
       moving.assign(self.momentum * moving + (1. - self.momentum) * tf.stop_gradient(batch))
     return mean, variance
@@ -38,7 +38,7 @@ class BatchStatistics(keras.layers.Layer):
     return {**super().get_config(), 'momentum': self.momentum}
 
 
-def _synchronized_moments(x):
+def synchronized_moments(x):
   """Per-channel mean and variance of `[N, H, W, C]` over every replica's batch, in two passes
   (E[x^2] - E[x]^2 cancels badly in float32 when the mean is large)."""
   context = tf.distribute.get_replica_context()

@@ -31,8 +31,8 @@ class FactorOut(FlowBijector):
     self._bijector = bijector
 
   @property
-  def keras_layers(self):
-    return self._bijector.keras_layers
+  def parts(self):
+    return (self._bijector,)
 
   def _split(self, x):
     return tf.split(x, 2, axis=-1)

@@ -1,0 +1,247 @@
+"""Speed and memory figures of a Real NVP model: what `python -m launch.benchmark` prints.
+
+Every figure is the median of several timed calls after a warm-up call (which traces and
+compiles; its time is reported as the time to the first step). FLOPs are counted from the traced
+forward graph: `2 * N * H_out * W_out * K_h * K_w * C_in * C_out` per `Conv2D`; a training step
+costs three times that (each convolution's two backprop ops cost as much as the forward). Other
+ops (elementwise, reductions) are left out: they are memory-bound and well under 1% of the
+FLOPs. The limit is the FLOP/s of the same convolutions run alone, forward and both backprops,
+one after another.
+"""
+
+import dataclasses
+import resource
+import statistics
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfp_realnvp.bijectors.affine_coupling import AffineCoupling
+from tfp_realnvp.data import Data, evaluation_batches, training_batches
+from tfp_realnvp.model import RealNVP
+from tfp_realnvp.training import evaluate_bits_per_dim
+
+
+def peak_rss_bytes():
+  """This process' peak resident memory so far (Linux reports kilobytes)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed_calls(fn, calls):
+  """`(first_call_seconds, median_seconds)`: one warm-up call, then `calls` timed ones.
+
+  Each call's result is read back (`.numpy()`), so asynchronous devices are timed to the end.
+  """
+  def run():
+    start = time.perf_counter()
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, 'numpy') else t, fn())
+    return time.perf_counter() - start
+  first = run()
+  return first, statistics.median(run() for _ in range(calls))
+
+
+def couplings(bijector):
+  """Every `AffineCoupling` inside a flow, in forward order."""
+  if isinstance(bijector, AffineCoupling):
+    return [bijector]
+  return [c for part in bijector.parts for c in couplings(part)]
+
+
+def forward_convolutions(fn, *args):
+  """`[(input_shape, filter_shape, output_shape)]` of every `Conv2D` in `fn`'s traced graph."""
+  graph = tf.function(fn).get_concrete_function(*args).graph
+  return [(tuple(op.inputs[0].shape), tuple(op.inputs[1].shape), tuple(op.outputs[0].shape))
+          for op in graph.get_operations() if op.type == 'Conv2D']
+
+
+def convolution_flops(convolutions):
+  """Forward FLOPs of `forward_convolutions`' list (a multiply-add counts 2)."""
+  return sum(2 * np.prod(out) * np.prod(kernel[:3]) for _, kernel, out in convolutions)
+
+
+def convolutions_alone(convolutions, dtype=tf.float32):
+  """A function running each convolution forward and both backprops, one after another, on
+  random tensors of the same shapes (the hardware's limit for this model's convolutions)."""
+  tensors = [(tf.random.normal(x, dtype=dtype), tf.random.normal(w, dtype=dtype),
+              tf.random.normal(y, dtype=dtype)) for x, w, y in convolutions]
+
+  @tf.function
+  def run():
+    done = [tf.zeros([], dtype)]
+    for x, w, dy in tensors:
+      with tf.control_dependencies(done[-1:]):  # in sequence, as in the model
+        y = tf.nn.conv2d(x, w, 1, 'SAME')
+        dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=dy,
+                                            strides=[1, 1, 1, 1], padding='SAME')
+        dw = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(w), out_backprop=dy,
+                                             strides=[1, 1, 1, 1], padding='SAME')
+        done += [tf.reduce_max(y), tf.reduce_max(dx), tf.reduce_max(dw)]
+    return tf.add_n(done)
+  return run
+
+
+def networks_alone(model, batch_size):
+  """A training step of the coupling networks alone: each network forward (batch statistics),
+  backward and the optimizer's update, on random inputs of the shapes the flow gives them."""
+  nets = [(c.network, tf.random.normal([batch_size, *c.event_shape_in[:2],
+                                        c.event_shape_in[2] + 1]))
+          for c in couplings(model.flow)]
+  variables = model.trainable_variables
+
+  @tf.function
+  def step():
+    with tf.GradientTape() as tape:
+      loss = tf.add_n([tf.reduce_mean(s) + tf.reduce_mean(t)
+                       for s, t in (net(x, training=True) for net, x in nets)])
+    model.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+    return loss
+  return step
+
+
+def _train_step_timings(model, batches, steps):
+  """Runs Keras `fit` for `1 + steps` steps; returns `(first, median, traces)`: the first step's
+  seconds (tracing included), the median of the others, and how often `train_step` was traced."""
+  times, traces = [], []
+  train_step = model.train_step
+
+  def counted(data):
+    traces.append(1)  # Python runs here only while tracing
+    return train_step(data)
+  model.train_step = counted
+
+  class Clock(keras.callbacks.Callback):
+    def on_train_batch_begin(self, batch, logs=None):
+      self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+      float(logs['loss'])  # the step is done
+      times.append(time.perf_counter() - self.start)
+
+  start = time.perf_counter()
+  model.fit(batches, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[Clock()])
+  first = times[0] + (time.perf_counter() - start - sum(times))  # fit's own setup included
+  del model.train_step
+  return first, statistics.median(times[1:]), len(traces)
+
+
+def pipeline_images_per_second(batches, batch_size, steps=50):
+  iterator = iter(batches)
+  next(iterator)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(iterator)
+  return steps * batch_size / (time.perf_counter() - start)
+
+
+def synthetic_data(image_shape, count=512, seed=0):
+  images = np.random.default_rng(seed).integers(0, 256, (count, *image_shape), dtype=np.uint8)
+  dataset = tf.data.Dataset.from_tensor_slices(images)
+  return Data('synthetic', dataset, dataset, tuple(image_shape), count, count)
+
+
+@dataclasses.dataclass
+class Options:
+  batch_size: int = 64
+  steps: int = 5
+  jit_compile: bool = False
+
+
+def benchmark(config, options=Options(), report=print):
+  """Every figure for the model `config` (a `RealNVPConfig`), as a dict; `report` gets lines."""
+  b = options.batch_size
+  figures = {'config': config.to_dict(), 'batch_size': b, 'jit_compile': options.jit_compile,
+             'threads': {'intra_op': tf.config.threading.get_intra_op_parallelism_threads(),
+                         'inter_op': tf.config.threading.get_inter_op_parallelism_threads()}}
+
+  start = time.perf_counter()
+  model = RealNVP(config)
+  model.compile(jit_compile=options.jit_compile)
+  figures['build_seconds'] = time.perf_counter() - start
+  data = synthetic_data(config.image_shape, count=max(8 * b, 256))
+  batches = training_batches(data, b, seed=0)
+  first, median, traces = _train_step_timings(model, batches, options.steps)
+  figures.update(train_first_step_seconds=first, train_step_seconds=median,
+                 train_images_per_second=b / median, train_traces=traces,
+                 peak_rss_bytes_after_training=peak_rss_bytes())
+  report(f'train step: {median:.3f} s ({b / median:.1f} images/s); first step {first:.1f} s; '
+         f'train_step traced {traces}x; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB')
+  figures['input_pipeline_images_per_second'] = pipeline_images_per_second(batches, b)
+
+  pixels = tf.constant(np.random.default_rng(1).uniform(0, 256, [b, *config.image_shape]),
+                       tf.as_dtype(config.dtype))
+  latent = model.encode(pixels)
+  calls = {
+      'log_prob': tf.function(lambda: model.log_prob(pixels), jit_compile=options.jit_compile),
+      'sample': tf.function(lambda: model.sample(b, seed=1), jit_compile=options.jit_compile),
+      'encode': tf.function(lambda: model.encode(pixels), jit_compile=options.jit_compile),
+      'decode': tf.function(lambda: model.decode(latent), jit_compile=options.jit_compile),
+  }
+  for name, fn in calls.items():
+    first, median = timed_calls(fn, options.steps)
+    figures[f'{name}_images_per_second'] = b / median
+    figures[f'{name}_first_call_seconds'] = first
+    report(f'{name}: {b / median:.1f} images/s (first call {first:.1f} s)')
+
+  convolutions = forward_convolutions(lambda x: model(x, training=True), pixels)
+  flops_per_image = 3 * convolution_flops(convolutions) / b
+  _, conv_seconds = timed_calls(convolutions_alone(convolutions), options.steps)
+  _, nets_seconds = timed_calls(networks_alone(model, b), options.steps)
+  train_seconds = figures['train_step_seconds']
+  figures.update(
+      convolutions=len(convolutions), train_flops_per_image=flops_per_image,
+      train_flops_per_second=flops_per_image * b / train_seconds,
+      convolutions_alone_flops_per_second=flops_per_image * b / conv_seconds,
+      fraction_of_convolution_limit=conv_seconds / train_seconds,
+      networks_alone_step_seconds=nets_seconds,
+      flow_overhead=train_seconds / nets_seconds - 1.,
+      peak_rss_bytes=peak_rss_bytes())
+  report(f'FLOPs: {flops_per_image / 1e9:.2f} GFLOP per image per train step '
+         f'({len(convolutions)} convolutions); achieved '
+         f'{figures["train_flops_per_second"] / 1e9:.1f} GFLOP/s, convolutions alone '
+         f'{figures["convolutions_alone_flops_per_second"] / 1e9:.1f} GFLOP/s '
+         f'({100 * figures["fraction_of_convolution_limit"]:.0f}% of the limit)')
+  report(f'flow overhead: train step {train_seconds:.3f} s vs networks alone {nets_seconds:.3f} s '
+         f'({100 * figures["flow_overhead"]:+.1f}%)')
+  return figures
+
+
+class _Budget(keras.callbacks.Callback):
+  """Stops `fit` after `budget_seconds` of training, evaluating every `every_seconds` (the
+  evaluations' time is not counted)."""
+
+  def __init__(self, budget_seconds, every_seconds, evaluate, report):
+    super().__init__()
+    self.budget, self.every, self.evaluate, self.report = budget_seconds, every_seconds, evaluate, report
+    self.rows, self.paused = [], 0.
+
+  def on_train_begin(self, logs=None):
+    self.start = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    spent = time.perf_counter() - self.start - self.paused
+    last = spent >= self.budget
+    if last or spent >= (len(self.rows) + 1) * self.every:
+      pause = time.perf_counter()
+      self.rows.append((spent, batch + 1, self.evaluate()))
+      self.report(f'{spent:7.1f} s  {batch + 1:6d} steps  test bits/dim {self.rows[-1][2]:.3f}')
+      self.paused += time.perf_counter() - pause
+    self.model.stop_training = last
+
+
+def quality_per_budget(config, train, test, budget_seconds, evaluate_every_seconds,
+                       batch_size=64, report=print):
+  """Trains `config` on uint8 `train` images for `budget_seconds` of wall-clock training (the
+  first step's tracing included, evaluations not) and returns rows
+  `(train_seconds, steps, test_bits_per_dim)`, about every `evaluate_every_seconds`."""
+  data = Data('quality', tf.data.Dataset.from_tensor_slices(train),
+              tf.data.Dataset.from_tensor_slices(test), config.image_shape, len(train), len(test))
+  model = RealNVP(config)
+  model.compile()
+  test_batches = evaluation_batches(data, 256)
+  budget = _Budget(budget_seconds, evaluate_every_seconds,
+                   lambda: evaluate_bits_per_dim(model, test_batches), report)
+  model.fit(training_batches(data, batch_size, seed=0), epochs=1, steps_per_epoch=10**9,
+            verbose=0, callbacks=[budget])
+  return budget.rows
