@@ -31,6 +31,9 @@ flags.DEFINE_float('clipnorm', None, 'Global-norm gradient clipping.', lower_bou
 flags.DEFINE_enum('mixed_precision', None, ['bfloat16', 'float16'], 'Compute dtype of the '
                   'coupling networks (GPUs; bfloat16 also on CPUs with AVX512_BF16); log-dets and the loss stay float32.')
 flags.DEFINE_bool('validate_args', None, 'Check pixel ranges and NaNs at run time.')
+flags.DEFINE_bool('recompute', None, 'Keep no coupling-network activations for the gradient: '
+                  'recompute them in the backward pass (about a third more compute, a fraction '
+                  'of the memory).')
 
 flags.DEFINE_integer('batch_size', 64, 'Images per replica per step; the global batch is this '
                      'times the number of replicas.', lower_bound=1)
@@ -52,7 +55,8 @@ flags.DEFINE_integer('noise_draws', 1, 'Dequantization noise draws per test imag
 flags.DEFINE_float('temperature', 0.7, 'Sampling temperature.', lower_bound=0.)
 
 _MODEL_FLAGS = ('num_scales', 'num_blocks', 'num_filters', 'alpha', 'batch_norm_momentum',
-                'batch_norm_epsilon', 'l2', 'learning_rate', 'clipnorm', 'validate_args')
+                'batch_norm_epsilon', 'l2', 'learning_rate', 'clipnorm', 'validate_args',
+                'recompute')
 _PRESET_BY_SIZE = {(28, 28): 'mnist', (32, 32): 'cifar10', (64, 64): 'celeba'}
 _PRESET_BY_DATASET = {'cifar10': 'cifar10', 'celeb_a': 'celeba', 'imagenet_resized/32x32':
                       'imagenet32', 'imagenet_resized/64x64': 'imagenet64'}

@@ -83,7 +83,8 @@ class RealNVP(keras.Model):
     policy = (f'mixed_{self.config.compute_dtype}' if self.config.compute_dtype
               else self.config.dtype)
     return CouplingNet(event_shape[-1], filters, self.config.num_blocks, l2=self.config.l2,
-                       momentum=self.config.batch_norm_momentum, dtype=policy)
+                       momentum=self.config.batch_norm_momentum, recompute=self.config.recompute,
+                       dtype=policy)
 
   def _batch_statistics(self):
     return BatchStatistics(self.config.batch_norm_momentum, dtype=self.config.dtype)

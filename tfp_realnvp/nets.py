@@ -7,6 +7,58 @@ import tensorflow as tf
 from tfp_realnvp.bijectors.batch_norm import synchronized_moments
 
 
+def weight_norm_conv(x, v, g, bias):
+  """`conv(x, g * v / ||v||) + bias`, 'same' padding, the norm over each output channel's kernel."""
+  scale = g * tf.math.rsqrt(tf.reduce_sum(tf.square(v), axis=(0, 1, 2)) + 1e-12)
+  return tf.nn.bias_add(tf.nn.conv2d(x, v * scale, 1, 'SAME'), bias)
+
+
+def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum, epsilon):
+  """`(gamma * (x - mean) / sqrt(var + epsilon) + beta, updated running averages)`.
+
+  In training, the batch's moments (synchronized across replicas) and the updated running
+  averages `(mean, variance)`; in inference, the running averages and no update (`()`).
+  """
+  def fused(mean, variance, is_training, average=1.):
+    return tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=gamma, offset=beta, mean=mean, variance=variance, epsilon=epsilon,
+        exponential_avg_factor=average, is_training=is_training)[:3]
+
+  if not training:
+    return fused(moving_mean, moving_variance, is_training=False)[0], ()
+  context = tf.distribute.get_replica_context()
+  if _one_replica():
+    # The kernel also returns the updated running averages (of the unbiased variance).
+    y, *updated = fused(moving_mean, moving_variance, True, average=1. - momentum)
+    return y, tuple(updated)
+  mean, variance = synchronized_moments(tf.cast(x, tf.float32))
+  inverse_std = gamma * tf.math.rsqrt(variance + epsilon)
+  y = x * tf.cast(inverse_std, x.dtype) + tf.cast(beta - mean * inverse_std, x.dtype)
+  count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]) * context.num_replicas_in_sync, tf.float32)
+  return y, tuple(momentum * m + (1. - momentum) * tf.stop_gradient(batch) for m, batch in
+                  ((moving_mean, mean), (moving_variance, variance * count / (count - 1.))))
+
+
+def _one_replica():
+  context = tf.distribute.get_replica_context()
+  return context is None or context.num_replicas_in_sync == 1
+
+
+def residual_block(x, norm1, conv1, norm2, conv2, training, momentum, epsilon):
+  """`x + conv(relu(bn(conv(relu(bn(x))))))` from the layers' weights (`norm*`: gamma, beta,
+  running mean and variance; `conv*`: v, g, bias). Returns `(y, updated running averages)`."""
+  h, updated1 = batch_norm(x, *norm1, training, momentum, epsilon)
+  h, updated2 = batch_norm(weight_norm_conv(tf.nn.relu(h), *conv1), *norm2, training, momentum,
+                           epsilon)
+  return x + weight_norm_conv(tf.nn.relu(h), *conv2), updated1 + updated2
+
+
+# Traced once per shape and reused by every block of that shape (not inlined): a `cifar10` model
+# has 80 blocks in 3 shapes, and tracing and optimizing each copy was most of the first step.
+_residual_block_function = tf.function(residual_block, autograph=False,
+                                       experimental_attributes={'_noinline': True})
+
+
 class WeightNormConv2D(keras.layers.Layer):
   """A 'same'-padded convolution with weight normalization: `w = g * v / ||v||`.
 
@@ -28,10 +80,13 @@ class WeightNormConv2D(keras.layers.Layer):
                              regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
     self.bias = self.add_weight(shape=(self.filters,), name='bias', initializer='zeros')
 
+  @property
+  def weights_for_call(self):
+    """`(v, g, bias)` as tensors in the compute dtype."""
+    return tuple(tf.convert_to_tensor(ops.convert_to_tensor(w)) for w in (self.v, self.g, self.bias))
+
   def call(self, x):
-    v = ops.convert_to_tensor(self.v)
-    w = self.g * v * ops.rsqrt(ops.sum(ops.square(v), axis=(0, 1, 2), keepdims=True) + 1e-12)
-    return ops.conv(x, w, padding='same') + self.bias
+    return weight_norm_conv(x, *self.weights_for_call)
 
   def get_config(self):
     return {**super().get_config(), 'filters': self.filters, 'kernel_size': self.kernel_size,
@@ -42,10 +97,11 @@ class BatchNormalization(keras.layers.Layer):
   """Batch normalization of the coupling networks: `gamma * (x - mean) / sqrt(var + eps) + beta`.
 
   In training, the batch's per-channel moments (synchronized across replicas), and running
-  averages `m <- momentum * m + (1 - momentum) * batch`; in inference, the running averages. The
-  same variables and arithmetic as Keras' layer, but on one replica it is TF's fused kernel: one
-  op forward and one backward, which keep only the input for the gradient (Keras' layer is a
-  dozen ops, with their intermediates kept).
+  averages `m <- momentum * m + (1 - momentum) * batch` (of the unbiased batch variance, as TF's
+  kernel and PyTorch keep them); in inference, the running averages. The variables of Keras'
+  layer, but on one replica it is TF's fused kernel: one op forward (running averages included)
+  and one backward, which keep only the input for the gradient, where Keras' layer is a dozen ops
+  with their intermediates kept.
   """
 
   def __init__(self, momentum=0.9, epsilon=1e-4, **kwargs):
@@ -63,26 +119,17 @@ class BatchNormalization(keras.layers.Layer):
     self.moving_variance = self.add_weight(name='moving_variance', initializer='ones',
                                            trainable=False, aggregation='mean', **weight)
 
-  def call(self, x, training=False):
-    if not training:
-      return self._fused(x, self.moving_mean, self.moving_variance, is_training=False)[0]
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-      y, mean, variance = self._fused(x, [], [], is_training=True)
-      count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), variance.dtype)
-      variance *= (count - 1.) / count  # the kernel returns the unbiased variance
-    else:
-      mean, variance = synchronized_moments(tf.cast(x, tf.float32))
-      inverse_std = self.gamma * tf.math.rsqrt(variance + self.epsilon)
-      y = x * tf.cast(inverse_std, x.dtype) + tf.cast(self.beta - mean * inverse_std, x.dtype)
-    for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-      moving.assign(self.momentum * moving + (1. - self.momentum) * tf.stop_gradient(batch))
-    return y
+  @property
+  def weights_for_call(self):
+    """`(gamma, beta, moving_mean, moving_variance)` as float32 tensors."""
+    return tuple(tf.convert_to_tensor(ops.convert_to_tensor(w)) for w in
+                 (self.gamma, self.beta, self.moving_mean, self.moving_variance))
 
-  def _fused(self, x, mean, variance, is_training):
-    return tf.raw_ops.FusedBatchNormV3(
-        x=x, scale=self.gamma, offset=self.beta, mean=mean, variance=variance,
-        epsilon=self.epsilon, is_training=is_training)[:3]
+  def call(self, x, training=False):
+    y, updated = batch_norm(x, *self.weights_for_call, training, self.momentum, self.epsilon)
+    for variable, value in zip((self.moving_mean, self.moving_variance), updated):
+      variable.assign(value)
+    return y
 
   def get_config(self):
     return {**super().get_config(), 'momentum': self.momentum, 'epsilon': self.epsilon}
@@ -93,15 +140,41 @@ class ResidualBlock(keras.layers.Layer):
 
   def __init__(self, filters, l2=0., momentum=0.9, **kwargs):
     super().__init__(**kwargs)
-    norm = dict(momentum=momentum, epsilon=1e-4, dtype=self.dtype_policy)
+    self.momentum, self.epsilon = momentum, 1e-4
+    norm = dict(momentum=momentum, epsilon=self.epsilon, dtype=self.dtype_policy)
     self.norm1 = BatchNormalization(**norm)
     self.conv1 = WeightNormConv2D(filters, 3, l2, dtype=self.dtype_policy)
     self.norm2 = BatchNormalization(**norm)
     self.conv2 = WeightNormConv2D(filters, 3, l2, dtype=self.dtype_policy)
 
+  def build(self, input_shape):
+    for layer in (self.norm1, self.conv1, self.norm2, self.conv2):
+      layer.build(input_shape)
+
+  @property
+  def weights_for_call(self):
+    """`residual_block`'s weights: `(norm1, conv1, norm2, conv2)`, each a tuple of tensors."""
+    return tuple(layer.weights_for_call for layer in
+                 (self.norm1, self.conv1, self.norm2, self.conv2))
+
+  @property
+  def moving_variables(self):
+    """The running averages that `residual_block`'s updates go to, in its order."""
+    return [self.norm1.moving_mean, self.norm1.moving_variance,
+            self.norm2.moving_mean, self.norm2.moving_variance]
+
   def call(self, x, training=False):
-    h = self.conv1(ops.relu(self.norm1(x, training=training)))
-    return x + self.conv2(ops.relu(self.norm2(h, training=training)))
+    y, updated = _block_function()(x, *self.weights_for_call, bool(training), self.momentum,
+                                   self.epsilon)
+    for variable, value in zip(self.moving_variables, updated):
+      variable.assign(value)
+    return y
+
+
+def _block_function():
+  """One traced function for every block of a shape, where batch statistics need no
+  cross-replica sync (which cannot run inside a nested tf.function)."""
+  return _residual_block_function if _one_replica() else residual_block
 
 
 class CouplingNet(keras.layers.Layer):
@@ -111,12 +184,16 @@ class CouplingNet(keras.layers.Layer):
   channels, split into `raw_s` and `t`; `s = scale * tanh(raw_s)` with a learned per-channel
   `scale` (starting at 1; L2 decay like the weight-norm `g`s). The zero start makes the coupling
   the identity at initialisation. Returns `(s, t)` in float32 whatever the layer's compute dtype.
+
+  `recompute=True` keeps none of the network's activations for the gradient: the backward pass
+  runs the network forward again (a third more compute for a fraction of the memory).
   """
 
-  def __init__(self, channels, num_filters, num_blocks, l2=0., momentum=0.9, **kwargs):
+  def __init__(self, channels, num_filters, num_blocks, l2=0., momentum=0.9, recompute=False,
+               **kwargs):
     super().__init__(**kwargs)
     self.channels, self.num_filters, self.num_blocks = channels, num_filters, num_blocks
-    self.l2, self.momentum = l2, momentum
+    self.l2, self.momentum, self.recompute = l2, momentum, recompute
     policy = self.dtype_policy
     self.conv_in = WeightNormConv2D(num_filters, 3, l2, dtype=policy)
     self.blocks = [ResidualBlock(num_filters, l2, momentum, dtype=policy)
@@ -125,17 +202,44 @@ class CouplingNet(keras.layers.Layer):
     self.conv_out = WeightNormConv2D(2 * channels, 3, l2, zero_init=True, dtype=policy)
 
   def build(self, input_shape):
+    features = (*input_shape[:-1], self.num_filters)
+    self.conv_in.build(input_shape)
+    for layer in (*self.blocks, self.norm_out, self.conv_out):
+      layer.build(features)
     self.scale = self.add_weight(shape=(self.channels,), name='scale', initializer='ones',
                                  regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
 
   def call(self, x, training=False):
-    h = self.conv_in(x)
-    for block in self.blocks:
-      h = block(h, training=training)
-    h = self.conv_out(ops.relu(self.norm_out(h, training=training)))
-    raw_s, t = ops.split(ops.cast(h, self.variable_dtype), 2, axis=-1)
-    return self.scale * ops.tanh(raw_s), t
+    weights = [self.conv_in.weights_for_call, [b.weights_for_call for b in self.blocks],
+               self.norm_out.weights_for_call, self.conv_out.weights_for_call,
+               ops.convert_to_tensor(self.scale)]
+    training = bool(training)
+
+    def forward(x, *flat_weights):
+      return self._forward(x, tf.nest.pack_sequence_as(weights, flat_weights), training)
+    if training and self.recompute:
+      forward = tf.recompute_grad(forward)
+    s, t, *updated = forward(x, *tf.nest.flatten(weights))
+    moving = [v for b in self.blocks for v in b.moving_variables]
+    for variable, value in zip(moving + [self.norm_out.moving_mean,
+                                         self.norm_out.moving_variance], updated):
+      variable.assign(value)
+    return s, t
+
+  def _forward(self, x, weights, training):
+    """`(s, t, *updated running averages)` from the weights, with no side effects (so the
+    backward pass may run it again)."""
+    conv_in, blocks, norm_out, conv_out, scale = weights
+    h, updated = weight_norm_conv(x, *conv_in), ()
+    for block in blocks:
+      h, block_updated = _block_function()(h, *block, training, self.momentum, 1e-4)
+      updated += block_updated
+    h, out_updated = batch_norm(h, *norm_out, training, self.momentum, 1e-4)
+    h = weight_norm_conv(tf.nn.relu(h), *conv_out)
+    raw_s, t = tf.split(tf.cast(h, self.variable_dtype), 2, axis=-1)
+    return (scale * tf.tanh(raw_s), t, *updated, *out_updated)
 
   def get_config(self):
     return {**super().get_config(), 'channels': self.channels, 'num_filters': self.num_filters,
-            'num_blocks': self.num_blocks, 'l2': self.l2, 'momentum': self.momentum}
+            'num_blocks': self.num_blocks, 'l2': self.l2, 'momentum': self.momentum,
+            'recompute': self.recompute}

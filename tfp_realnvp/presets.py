@@ -22,6 +22,8 @@ class RealNVPConfig:
     compute_dtype: None, or 'bfloat16' / 'float16' for mixed precision inside the coupling
       networks only (the flow, log-dets and loss stay in `dtype`).
     validate_args: check inputs (pixel range, NaN) at run time.
+    recompute: keep no coupling-network activations for the gradient; the backward pass runs
+      each network forward again (about a third more compute, a fraction of the memory).
   """
   image_shape: tuple = (32, 32, 3)
   num_scales: int = 2
@@ -36,6 +38,7 @@ class RealNVPConfig:
   dtype: str = 'float32'
   compute_dtype: str = None
   validate_args: bool = True
+  recompute: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, 'image_shape', tuple(int(d) for d in self.image_shape))
