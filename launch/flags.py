@@ -29,7 +29,8 @@ flags.DEFINE_float('l2', None, 'L2 decay on the weight-norm scales.', lower_boun
 flags.DEFINE_float('learning_rate', None, 'Adam learning rate.', lower_bound=0.)
 flags.DEFINE_float('clipnorm', None, 'Global-norm gradient clipping.', lower_bound=0.)
 flags.DEFINE_enum('mixed_precision', None, ['bfloat16', 'float16'], 'Compute dtype of the '
-                  'coupling networks (GPUs; bfloat16 also on CPUs with AVX512_BF16); log-dets and the loss stay float32.')
+                  'coupling networks (GPUs; bfloat16 also on CPUs with AVX512_BF16); log-dets '
+                  'and the loss stay float32.')
 flags.DEFINE_bool('validate_args', None, 'Check pixel ranges and NaNs at run time.')
 flags.DEFINE_bool('recompute', None, 'Keep no coupling-network activations for the gradient: '
                   'recompute them in the backward pass (about a third more compute, a fraction '

@@ -2,11 +2,11 @@
 
 Every figure is the median of several timed calls after a warm-up call (which traces and
 compiles; its time is reported as the time to the first step). FLOPs are counted from the traced
-forward graph: `2 * N * H_out * W_out * K_h * K_w * C_in * C_out` per `Conv2D`; a training step
-costs three times that (each convolution's two backprop ops cost as much as the forward). Other
-ops (elementwise, reductions) are left out: they are memory-bound and well under 1% of the
-FLOPs. The limit is the FLOP/s of the same convolutions run alone, forward and both backprops,
-one after another.
+coupling networks' layers: `2 * N * H * W * K_h * K_w * C_in * C_out` per convolution ('same'
+padding, stride 1); a training step costs three times that (each convolution's two backprop ops
+cost as much as the forward). Other ops (elementwise, reductions) are left out: they are
+memory-bound and well under 1% of the FLOPs. The limit is the FLOP/s of the same convolutions run
+alone, forward and both backprops, one after another.
 """
 
 import dataclasses
@@ -49,23 +49,29 @@ def couplings(bijector):
   return [c for part in bijector.parts for c in couplings(part)]
 
 
-def forward_convolutions(fn, *args):
-  """`[(input_shape, filter_shape, output_shape)]` of every `Conv2D` in `fn`'s traced graph."""
-  graph = tf.function(fn).get_concrete_function(*args).graph
-  return [(tuple(op.inputs[0].shape), tuple(op.inputs[1].shape), tuple(op.outputs[0].shape))
-          for op in graph.get_operations() if op.type == 'Conv2D']
+def convolutions(model, batch_size):
+  """`[(input_shape, kernel_shape, output_shape)]` of every convolution of the coupling
+  networks, from their layers and the event shapes the flow gives them."""
+  shapes = []
+  for coupling in couplings(model.flow):
+    height, width, _ = coupling.event_shape_in
+    for layer in coupling.network.convolution_layers:
+      kernel = tuple(layer.v.shape)
+      shapes.append(((batch_size, height, width, kernel[2]), kernel,
+                     (batch_size, height, width, kernel[3])))
+  return shapes
 
 
-def convolution_flops(convolutions):
-  """Forward FLOPs of `forward_convolutions`' list (a multiply-add counts 2)."""
-  return sum(2 * np.prod(out) * np.prod(kernel[:3]) for _, kernel, out in convolutions)
+def convolution_flops(shapes):
+  """Forward FLOPs of `convolutions`' shapes (a multiply-add counts 2)."""
+  return sum(2 * np.prod(out) * np.prod(kernel[:3]) for _, kernel, out in shapes)
 
 
-def convolutions_alone(convolutions, dtype=tf.float32):
+def convolutions_alone(shapes, dtype=tf.float32):
   """A function running each convolution forward and both backprops, one after another, on
   random tensors of the same shapes (the hardware's limit for this model's convolutions)."""
   tensors = [(tf.random.normal(x, dtype=dtype), tf.random.normal(w, dtype=dtype),
-              tf.random.normal(y, dtype=dtype)) for x, w, y in convolutions]
+              tf.random.normal(y, dtype=dtype)) for x, w, y in shapes]
 
   @tf.function
   def run():
@@ -184,13 +190,14 @@ def benchmark(config, options=Options(), report=print):
     figures[f'{name}_first_call_seconds'] = first
     report(f'{name}: {b / median:.1f} images/s (first call {first:.1f} s)')
 
-  convolutions = forward_convolutions(lambda x: model(x, training=True), pixels)
-  flops_per_image = 3 * convolution_flops(convolutions) / b
-  _, conv_seconds = timed_calls(convolutions_alone(convolutions), options.steps)
+  shapes = convolutions(model, b)
+  flops_per_image = 3 * convolution_flops(shapes) / b
+  compute_dtype = tf.as_dtype(config.compute_dtype or config.dtype)
+  _, conv_seconds = timed_calls(convolutions_alone(shapes, compute_dtype), options.steps)
   _, nets_seconds = timed_calls(networks_alone(model, b), options.steps)
   train_seconds = figures['train_step_seconds']
   figures.update(
-      convolutions=len(convolutions), train_flops_per_image=flops_per_image,
+      convolutions=len(shapes), train_flops_per_image=flops_per_image,
       train_flops_per_second=flops_per_image * b / train_seconds,
       convolutions_alone_flops_per_second=flops_per_image * b / conv_seconds,
       fraction_of_convolution_limit=conv_seconds / train_seconds,
@@ -198,7 +205,7 @@ def benchmark(config, options=Options(), report=print):
       flow_overhead=train_seconds / nets_seconds - 1.,
       peak_rss_bytes=peak_rss_bytes())
   report(f'FLOPs: {flops_per_image / 1e9:.2f} GFLOP per image per train step '
-         f'({len(convolutions)} convolutions); achieved '
+         f'({len(shapes)} convolutions); achieved '
          f'{figures["train_flops_per_second"] / 1e9:.1f} GFLOP/s, convolutions alone '
          f'{figures["convolutions_alone_flops_per_second"] / 1e9:.1f} GFLOP/s '
          f'({100 * figures["fraction_of_convolution_limit"]:.0f}% of the limit)')
@@ -213,7 +220,8 @@ class _Budget(keras.callbacks.Callback):
 
   def __init__(self, budget_seconds, every_seconds, evaluate, report):
     super().__init__()
-    self.budget, self.every, self.evaluate, self.report = budget_seconds, every_seconds, evaluate, report
+    self.budget, self.every = budget_seconds, every_seconds
+    self.evaluate, self.report = evaluate, report
     self.rows, self.paused = [], 0.
 
   def on_train_begin(self, logs=None):

@@ -17,26 +17,39 @@ def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum,
   """`(gamma * (x - mean) / sqrt(var + epsilon) + beta, updated running averages)`.
 
   In training, the batch's moments (synchronized across replicas) and the updated running
-  averages `(mean, variance)`; in inference, the running averages and no update (`()`).
+  averages `(mean, variance)`; in inference, the running averages and no update (`()`). TF's
+  fused kernel where it applies (one replica, float32 or narrower).
   """
+  def normalize(mean, variance):
+    inverse_std = gamma * tf.math.rsqrt(variance + epsilon)
+    return x * tf.cast(inverse_std, x.dtype) + tf.cast(beta - mean * inverse_std, x.dtype)
+
   def fused(mean, variance, is_training, average=1.):
     return tf.raw_ops.FusedBatchNormV3(
         x=x, scale=gamma, offset=beta, mean=mean, variance=variance, epsilon=epsilon,
         exponential_avg_factor=average, is_training=is_training)[:3]
 
+  fusable = x.dtype != tf.float64
   if not training:
-    return fused(moving_mean, moving_variance, is_training=False)[0], ()
-  context = tf.distribute.get_replica_context()
-  if _one_replica():
+    if fusable:
+      return fused(moving_mean, moving_variance, is_training=False)[0], ()
+    return normalize(moving_mean, moving_variance), ()
+  if fusable and _one_replica():
     # The kernel also returns the updated running averages (of the unbiased variance).
     y, *updated = fused(moving_mean, moving_variance, True, average=1. - momentum)
     return y, tuple(updated)
-  mean, variance = synchronized_moments(tf.cast(x, tf.float32))
-  inverse_std = gamma * tf.math.rsqrt(variance + epsilon)
-  y = x * tf.cast(inverse_std, x.dtype) + tf.cast(beta - mean * inverse_std, x.dtype)
-  count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]) * context.num_replicas_in_sync, tf.float32)
-  return y, tuple(momentum * m + (1. - momentum) * tf.stop_gradient(batch) for m, batch in
-                  ((moving_mean, mean), (moving_variance, variance * count / (count - 1.))))
+  mean, variance = synchronized_moments(tf.cast(x, gamma.dtype))
+  context = tf.distribute.get_replica_context()
+  replicas = context.num_replicas_in_sync if context else 1
+  count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]) * replicas, gamma.dtype)
+  return normalize(mean, variance), tuple(
+      momentum * m + (1. - momentum) * tf.stop_gradient(batch) for m, batch in
+      ((moving_mean, mean), (moving_variance, variance * count / (count - 1.))))
+
+
+def _tensors(*variables):
+  """The variables' values (Keras casts them to the layer's compute dtype where it autocasts)."""
+  return tuple(tf.convert_to_tensor(ops.convert_to_tensor(v)) for v in variables)
 
 
 def _one_replica():
@@ -83,7 +96,7 @@ class WeightNormConv2D(keras.layers.Layer):
   @property
   def weights_for_call(self):
     """`(v, g, bias)` as tensors in the compute dtype."""
-    return tuple(tf.convert_to_tensor(ops.convert_to_tensor(w)) for w in (self.v, self.g, self.bias))
+    return _tensors(self.v, self.g, self.bias)
 
   def call(self, x):
     return weight_norm_conv(x, *self.weights_for_call)
@@ -122,8 +135,7 @@ class BatchNormalization(keras.layers.Layer):
   @property
   def weights_for_call(self):
     """`(gamma, beta, moving_mean, moving_variance)` as float32 tensors."""
-    return tuple(tf.convert_to_tensor(ops.convert_to_tensor(w)) for w in
-                 (self.gamma, self.beta, self.moving_mean, self.moving_variance))
+    return _tensors(self.gamma, self.beta, self.moving_mean, self.moving_variance)
 
   def call(self, x, training=False):
     y, updated = batch_norm(x, *self.weights_for_call, training, self.momentum, self.epsilon)
@@ -208,6 +220,12 @@ class CouplingNet(keras.layers.Layer):
       layer.build(features)
     self.scale = self.add_weight(shape=(self.channels,), name='scale', initializer='ones',
                                  regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
+
+  @property
+  def convolution_layers(self):
+    """Every `WeightNormConv2D`, in the order they run."""
+    return [self.conv_in, *(conv for b in self.blocks for conv in (b.conv1, b.conv2)),
+            self.conv_out]
 
   def call(self, x, training=False):
     weights = [self.conv_in.weights_for_call, [b.weights_for_call for b in self.blocks],

@@ -41,13 +41,13 @@ class Adam(keras.optimizers.Adam):
     self._constants = None
 
   def _backend_update_step(self, grads, trainable_variables, learning_rate):
-    step = tf.cast(self.iterations + 1, tf.float32)
-    self._constants = {  # float32; cast per variable dtype in `update_step`
-        'beta1_power': tf.pow(tf.constant(self.beta_1, tf.float32), step),
-        'beta2_power': tf.pow(tf.constant(self.beta_2, tf.float32), step),
-        'lr': tf.cast(learning_rate, tf.float32), 'beta1': tf.constant(self.beta_1, tf.float32),
-        'beta2': tf.constant(self.beta_2, tf.float32),
-        'epsilon': tf.constant(self.epsilon, tf.float32)}
+    step = tf.cast(self.iterations + 1, tf.float64)
+    scalar = lambda value: tf.constant(value, tf.float64)  # noqa: E731
+    self._constants = {  # cast to each variable's dtype in `update_step`
+        'beta1_power': tf.pow(scalar(self.beta_1), step),
+        'beta2_power': tf.pow(scalar(self.beta_2), step),
+        'lr': tf.cast(learning_rate, tf.float64), 'beta1': scalar(self.beta_1),
+        'beta2': scalar(self.beta_2), 'epsilon': scalar(self.epsilon)}
     super()._backend_update_step(grads, trainable_variables, learning_rate)
 
   def update_step(self, gradient, variable, learning_rate):

@@ -1,0 +1,151 @@
+"""The coupling networks' layers (`tfp_realnvp.nets`) and the fused Adam (`optimizers`)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfp_realnvp import nets, optimizers
+from conftest import randomize
+
+
+def _adam_steps(optimizer, dtype, steps=5):
+  rng = np.random.default_rng(0)
+  variables = [keras.Variable(rng.normal(size=shape).astype(dtype)) for shape in ([3, 4], [5])]
+  optimizer.build(variables)
+  initial = [v.numpy() for v in variables]
+
+  @tf.function
+  def step(i):
+    gradients = [tf.sin(v.value * (i + 1.)) * 3. for v in variables]
+    optimizer.apply_gradients(zip(gradients, variables))
+  for i in range(steps):
+    step(tf.constant(i, dtype))
+  return initial, [v.numpy() for v in variables]
+
+
+def _adam_by_hand(initial, steps=5, lr=0.1, beta_1=0.8, beta_2=0.95, epsilon=1e-3, clipnorm=2.):
+  variables = [w.copy() for w in initial]
+  m = [np.zeros_like(w) for w in variables]
+  v = [np.zeros_like(w) for w in variables]
+  lr = float(np.float32(lr))  # Keras keeps the learning rate in a float32 variable
+  for t in range(1, steps + 1):
+    gradients = [np.sin(w * t) * 3. for w in variables]
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in gradients))
+    gradients = [g * min(1., clipnorm / norm) for g in gradients]
+    for w, mw, vw, g in zip(variables, m, v, gradients):
+      mw += (1. - beta_1) * (g - mw)
+      vw += (1. - beta_2) * (g ** 2 - vw)
+      w -= lr * np.sqrt(1. - beta_2 ** t) / (1. - beta_1 ** t) * mw / (np.sqrt(vw) + epsilon)
+  return variables
+
+
+def test_fused_adam_is_adam():
+  kwargs = dict(learning_rate=0.1, beta_1=0.8, beta_2=0.95, epsilon=1e-3, global_clipnorm=2.)
+  initial, ours = _adam_steps(optimizers.Adam(**kwargs), 'float64')
+  for a, b in zip(ours, _adam_by_hand(initial)):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+  # And Keras' Adam, within float32 rounding.
+  _, fused = _adam_steps(optimizers.Adam(**kwargs), 'float32')
+  _, keras_ = _adam_steps(keras.optimizers.Adam(**kwargs), 'float32')
+  for a, b in zip(fused, keras_):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_fused_adam_refuses_amsgrad():
+  with pytest.raises(ValueError, match='amsgrad'):
+    optimizers.Adam(amsgrad=True)
+
+
+def _batch_norm_pair(channels=3):
+  ours = nets.BatchNormalization(momentum=0.9, epsilon=1e-4)
+  reference = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-4)
+  for layer in (ours, reference):
+    layer.build([None, 5, 5, channels])
+    layer.gamma.assign([1., 2., -0.5][:channels])
+    layer.beta.assign([0.5, -1., 0.][:channels])
+  return ours, reference
+
+
+def _output_and_gradients(layer, x, training):
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = layer(x, training=training)
+    loss = tf.reduce_sum(y * tf.sin(x))
+  return [y, *tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])]
+
+
+def test_batch_normalization_matches_keras_in_training():
+  x = tf.constant(np.random.default_rng(1).normal(2., 3., [8, 5, 5, 3]), tf.float32)
+  ours, reference = _batch_norm_pair()
+  for a, b in zip(_output_and_gradients(ours, x, True), _output_and_gradients(reference, x, True)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ours.moving_mean, reference.moving_mean, rtol=1e-5)
+  # Running averages of the unbiased batch variance (TF's fused kernel and PyTorch).
+  count = 8 * 5 * 5
+  unbiased = np.var(x.numpy(), axis=(0, 1, 2)) * count / (count - 1)
+  np.testing.assert_allclose(ours.moving_variance, 0.9 + 0.1 * unbiased, rtol=1e-5)
+
+
+def test_batch_normalization_uses_running_averages_in_inference():
+  x = tf.constant(np.random.default_rng(2).normal(2., 3., [4, 5, 5, 3]), tf.float32)
+  ours, reference = _batch_norm_pair()
+  for layer in (ours, reference):
+    layer.moving_mean.assign([1., -2., 0.5])
+    layer.moving_variance.assign([4., 0.5, 2.])
+  for a, b in zip(_output_and_gradients(ours, x, False),
+                  _output_and_gradients(reference, x, False)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(ours.moving_mean, [1., -2., 0.5])
+
+
+def test_batch_normalization_float64_path_matches_the_fused_kernel():
+  x = np.random.default_rng(3).normal(1., 2., [8, 4, 4, 3])
+  layers = {}
+  for dtype in ('float32', 'float64'):
+    layers[dtype] = nets.BatchNormalization(0.9, 1e-4, dtype=dtype)
+    layers[dtype].build([None, 4, 4, 3])
+    layers[dtype].gamma.assign([1., 2., -0.5])
+  y32 = layers['float32'](tf.constant(x, tf.float32), training=True)
+  y64 = layers['float64'](tf.constant(x, tf.float64), training=True)
+  np.testing.assert_allclose(y32, y64, rtol=1e-4, atol=1e-4)
+  for name in ('moving_mean', 'moving_variance'):
+    np.testing.assert_allclose(getattr(layers['float32'], name), getattr(layers['float64'], name),
+                               rtol=1e-5)
+
+
+def _coupling_net_gradients(net, x):
+  @tf.function
+  def step():
+    with tf.GradientTape() as tape:
+      s, t = net(x, training=True)
+      loss = tf.reduce_sum(s * tf.cos(x[..., :2])) + tf.reduce_sum(t ** 2)
+    return [s, t, *tape.gradient(loss, net.trainable_variables)]
+  return step()
+
+
+def test_recomputed_network_gives_the_same_gradients_and_one_update():
+  x = tf.constant(np.random.default_rng(4).normal(size=[4, 6, 6, 3]), tf.float32)
+  results = {}
+  for recompute in (False, True):
+    net = nets.CouplingNet(channels=2, num_filters=8, num_blocks=2, recompute=recompute)
+    net.build(x.shape)
+    randomize([net], seed=5)
+    results[recompute] = (_coupling_net_gradients(net, x),
+                          [v.numpy() for v in net.non_trainable_variables])
+  (plain, plain_moving), (recomputed, recomputed_moving) = results[False], results[True]
+  assert len(plain) == 2 + len(net.trainable_variables)
+  for a, b in zip(plain, recomputed):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # The backward pass runs the network again but must not update the running averages again.
+  for a, b in zip(plain_moving, recomputed_moving):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_residual_blocks_of_one_shape_share_one_trace():
+  net = nets.CouplingNet(channels=2, num_filters=7, num_blocks=3)  # 7 features: a new shape
+  x = tf.zeros([2, 6, 6, 3])
+  net.build(x.shape)
+  before = nets._residual_block_function.experimental_get_tracing_count()
+  tf.function(lambda: net(x, training=True))()
+  assert nets._residual_block_function.experimental_get_tracing_count() == before + 1
