@@ -51,7 +51,8 @@ def machine():
 def table(results):
   columns = [('preset', '{}'), ('train img/s', '{:.1f}'), ('first step s', '{:.1f}'),
              ('log_prob img/s', '{:.1f}'), ('sample img/s', '{:.1f}'),
-             ('encode img/s', '{:.1f}'), ('decode img/s', '{:.1f}'), ('peak GiB', '{:.2f}'),
+             ('encode img/s', '{:.1f}'), ('decode img/s', '{:.1f}'),
+             ('train peak GiB', '{:.2f}'),
              ('GFLOP/img', '{:.1f}'), ('GFLOP/s', '{:.1f}'), ('of conv limit', '{:.0%}'),
              ('flow overhead', '{:+.1%}')]
   keys = ['preset', 'train_images_per_second', 'train_first_step_seconds',
@@ -80,7 +81,7 @@ def main(argv):
           f'{config.num_blocks} blocks, {config.num_filters} features, batch {options.batch_size}',
           flush=True)
     figures = benchmark.benchmark(config, options, report=lambda line: print(line, flush=True))
-    figures.update(preset=name, peak_gib=figures['peak_rss_bytes_after_training'] / 2**30,
+    figures.update(preset=name, peak_gib=figures['train_peak_rss_bytes'] / 2**30,
                    gflop_per_image=figures['train_flops_per_image'] / 1e9,
                    gflop_per_second=figures['train_flops_per_second'] / 1e9)
     results.append(figures)
@@ -93,7 +94,7 @@ def main(argv):
     report['pytorch_port'] = {
         'train_images_per_second': PYTORCH_PORT_TRAIN_IMAGES_PER_SECOND,
         'train_speedup': r['train_images_per_second'] / PYTORCH_PORT_TRAIN_IMAGES_PER_SECOND,
-        'peak_rss_fraction': r['peak_rss_bytes_after_training'] / PYTORCH_PORT_PEAK_RSS_BYTES}
+        'peak_rss_fraction': r['train_peak_rss_bytes'] / PYTORCH_PORT_PEAK_RSS_BYTES}
     print(f'\ncifar10 vs the PyTorch port on this CPU (1.92 images/s, 6.1 GB): '
           f'{report["pytorch_port"]["train_speedup"]:.2f}x the training speed, '
           f'{report["pytorch_port"]["peak_rss_fraction"]:.0%} of its peak memory')

@@ -41,7 +41,8 @@ def test_benchmark_command_reports_every_figure(tmp_path):
               'sample_images_per_second', 'encode_images_per_second',
               'decode_images_per_second', 'input_pipeline_images_per_second',
               'train_flops_per_second', 'convolutions_alone_flops_per_second',
-              'networks_alone_step_seconds', 'peak_rss_bytes', 'train_first_step_seconds'):
+              'networks_alone_step_seconds', 'peak_rss_bytes', 'train_peak_rss_bytes',
+              'train_first_step_seconds'):
     assert figures[key] > 0, key
   assert figures['convolutions'] == 10 * 4
   assert figures['train_first_step_seconds'] > figures['train_step_seconds']

@@ -9,9 +9,11 @@ memory-bound and well under 1% of the FLOPs. The limit is the FLOP/s of the same
 alone, forward and both backprops, one after another.
 """
 
+import collections
 import dataclasses
 import resource
 import statistics
+import threading
 import time
 
 import keras
@@ -27,6 +29,35 @@ from tfp_realnvp.training import evaluate_bits_per_dim
 def peak_rss_bytes():
   """This process' peak resident memory so far (Linux reports kilobytes)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class ResidentMemory:
+  """The peak resident memory while inside the `with` block, sampled every `interval` seconds
+  (the process' own peak also counts what ran before)."""
+
+  def __init__(self, interval=0.02):
+    self.interval, self.peak_bytes = interval, 0
+    self._done = threading.Event()
+
+  @staticmethod
+  def current_bytes():
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * resource.getpagesize()
+
+  def _sample(self):
+    while not self._done.wait(self.interval):
+      self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+
+  def __enter__(self):
+    self.peak_bytes = self.current_bytes()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._done.set()
+    self._thread.join()
+    self.peak_bytes = max(self.peak_bytes, self.current_bytes())
 
 
 def timed_calls(fn, calls):
@@ -67,25 +98,24 @@ def convolution_flops(shapes):
   return sum(2 * np.prod(out) * np.prod(kernel[:3]) for _, kernel, out in shapes)
 
 
-def convolutions_alone(shapes, dtype=tf.float32):
-  """A function running each convolution forward and both backprops, one after another, on
-  random tensors of the same shapes (the hardware's limit for this model's convolutions)."""
-  tensors = [(tf.random.normal(x, dtype=dtype), tf.random.normal(w, dtype=dtype),
-              tf.random.normal(y, dtype=dtype)) for x, w, y in shapes]
+def convolutions_alone_seconds(shapes, calls, dtype=tf.float32):
+  """Seconds for every convolution of `shapes` forward and both backprops, run alone on random
+  tensors of the same shapes (the hardware's limit for this model's convolutions): each distinct
+  shape timed by itself (median of `calls`), times how often it occurs."""
+  total = 0.
+  for (x_shape, w_shape, y_shape), count in collections.Counter(shapes).items():
+    x, w, dy = (tf.random.normal(shape, dtype=dtype) for shape in (x_shape, w_shape, y_shape))
 
-  @tf.function
-  def run():
-    done = [tf.zeros([], dtype)]
-    for x, w, dy in tensors:
-      with tf.control_dependencies(done[-1:]):  # in sequence, as in the model
-        y = tf.nn.conv2d(x, w, 1, 'SAME')
-        dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=dy,
-                                            strides=[1, 1, 1, 1], padding='SAME')
-        dw = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(w), out_backprop=dy,
-                                             strides=[1, 1, 1, 1], padding='SAME')
-        done += [tf.reduce_max(y), tf.reduce_max(dx), tf.reduce_max(dw)]
-    return tf.add_n(done)
-  return run
+    @tf.function
+    def run(x, w, dy):
+      y = tf.nn.conv2d(x, w, 1, 'SAME')
+      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=dy,
+                                          strides=[1, 1, 1, 1], padding='SAME')
+      dw = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(w), out_backprop=dy,
+                                           strides=[1, 1, 1, 1], padding='SAME')
+      return tf.reduce_max(y) + tf.reduce_max(dx) + tf.reduce_max(dw)
+    total += count * timed_calls(lambda: run(x, w, dy), calls)[1]
+  return total
 
 
 def networks_alone(model, batch_size):
@@ -165,15 +195,24 @@ def benchmark(config, options=Options(), report=print):
   model = RealNVP(config)
   model.compile(jit_compile=options.jit_compile)
   figures['build_seconds'] = time.perf_counter() - start
+  # The convolutions alone before training: run after it, they crashed TF 2.21 (segmentation
+  # fault in the oneDNN backprop kernels) twice here.
+  shapes = convolutions(model, b)
+  flops_per_image = 3 * convolution_flops(shapes) / b
+  compute_dtype = tf.as_dtype(config.compute_dtype or config.dtype)
+  conv_seconds = convolutions_alone_seconds(shapes, options.steps, compute_dtype)
   data = synthetic_data(config.image_shape, count=max(8 * b, 256))
   batches = training_batches(data, b, seed=0)
-  first, median, traces = _train_step_timings(model, batches, options.steps)
+  with ResidentMemory() as memory:
+    first, median, traces = _train_step_timings(model, batches, options.steps)
   figures.update(train_first_step_seconds=first, train_step_seconds=median,
                  train_images_per_second=b / median, train_traces=traces,
-                 peak_rss_bytes_after_training=peak_rss_bytes())
+                 train_peak_rss_bytes=memory.peak_bytes)
   report(f'train step: {median:.3f} s ({b / median:.1f} images/s); first step {first:.1f} s; '
-         f'train_step traced {traces}x; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB')
+         f'train_step traced {traces}x; peak resident memory in training '
+         f'{memory.peak_bytes / 2**30:.2f} GiB')
   figures['input_pipeline_images_per_second'] = pipeline_images_per_second(batches, b)
+  report(f'input pipeline alone: {figures["input_pipeline_images_per_second"]:.0f} images/s')
 
   pixels = tf.constant(np.random.default_rng(1).uniform(0, 256, [b, *config.image_shape]),
                        tf.as_dtype(config.dtype))
@@ -190,10 +229,6 @@ def benchmark(config, options=Options(), report=print):
     figures[f'{name}_first_call_seconds'] = first
     report(f'{name}: {b / median:.1f} images/s (first call {first:.1f} s)')
 
-  shapes = convolutions(model, b)
-  flops_per_image = 3 * convolution_flops(shapes) / b
-  compute_dtype = tf.as_dtype(config.compute_dtype or config.dtype)
-  _, conv_seconds = timed_calls(convolutions_alone(shapes, compute_dtype), options.steps)
   _, nets_seconds = timed_calls(networks_alone(model, b), options.steps)
   train_seconds = figures['train_step_seconds']
   figures.update(

@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from tfp_realnvp.bijectors.batch_norm import synchronized_moments
 
+EPSILON = 1e-4  # the networks' batch norm
+
 
 def weight_norm_conv(x, v, g, bias):
   """`conv(x, g * v / ||v||) + bias`, 'same' padding, the norm over each output channel's kernel."""
@@ -50,6 +52,13 @@ def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum,
 def _tensors(*variables):
   """The variables' values (Keras casts them to the layer's compute dtype where it autocasts)."""
   return tuple(tf.convert_to_tensor(ops.convert_to_tensor(v)) for v in variables)
+
+
+def _assign(variables, values):
+  """Running averages <- their updates (there are none in inference)."""
+  for variable, value in zip(variables, values or [None] * len(variables), strict=True):
+    if value is not None:
+      variable.assign(value)
 
 
 def _one_replica():
@@ -139,8 +148,7 @@ class BatchNormalization(keras.layers.Layer):
 
   def call(self, x, training=False):
     y, updated = batch_norm(x, *self.weights_for_call, training, self.momentum, self.epsilon)
-    for variable, value in zip((self.moving_mean, self.moving_variance), updated):
-      variable.assign(value)
+    _assign((self.moving_mean, self.moving_variance), updated)
     return y
 
   def get_config(self):
@@ -152,8 +160,8 @@ class ResidualBlock(keras.layers.Layer):
 
   def __init__(self, filters, l2=0., momentum=0.9, **kwargs):
     super().__init__(**kwargs)
-    self.momentum, self.epsilon = momentum, 1e-4
-    norm = dict(momentum=momentum, epsilon=self.epsilon, dtype=self.dtype_policy)
+    self.momentum = momentum
+    norm = dict(momentum=momentum, epsilon=EPSILON, dtype=self.dtype_policy)
     self.norm1 = BatchNormalization(**norm)
     self.conv1 = WeightNormConv2D(filters, 3, l2, dtype=self.dtype_policy)
     self.norm2 = BatchNormalization(**norm)
@@ -177,9 +185,8 @@ class ResidualBlock(keras.layers.Layer):
 
   def call(self, x, training=False):
     y, updated = _block_function()(x, *self.weights_for_call, bool(training), self.momentum,
-                                   self.epsilon)
-    for variable, value in zip(self.moving_variables, updated):
-      variable.assign(value)
+                                   EPSILON)
+    _assign(self.moving_variables, updated)
     return y
 
 
@@ -210,7 +217,7 @@ class CouplingNet(keras.layers.Layer):
     self.conv_in = WeightNormConv2D(num_filters, 3, l2, dtype=policy)
     self.blocks = [ResidualBlock(num_filters, l2, momentum, dtype=policy)
                    for _ in range(num_blocks)]
-    self.norm_out = BatchNormalization(momentum, 1e-4, dtype=policy)
+    self.norm_out = BatchNormalization(momentum, EPSILON, dtype=policy)
     self.conv_out = WeightNormConv2D(2 * channels, 3, l2, zero_init=True, dtype=policy)
 
   def build(self, input_shape):
@@ -230,7 +237,7 @@ class CouplingNet(keras.layers.Layer):
   def call(self, x, training=False):
     weights = [self.conv_in.weights_for_call, [b.weights_for_call for b in self.blocks],
                self.norm_out.weights_for_call, self.conv_out.weights_for_call,
-               ops.convert_to_tensor(self.scale)]
+               _tensors(self.scale)[0]]
     training = bool(training)
 
     def forward(x, *flat_weights):
@@ -238,10 +245,8 @@ class CouplingNet(keras.layers.Layer):
     if training and self.recompute:
       forward = tf.recompute_grad(forward)
     s, t, *updated = forward(x, *tf.nest.flatten(weights))
-    moving = [v for b in self.blocks for v in b.moving_variables]
-    for variable, value in zip(moving + [self.norm_out.moving_mean,
-                                         self.norm_out.moving_variance], updated):
-      variable.assign(value)
+    _assign([v for b in self.blocks for v in b.moving_variables] +
+            [self.norm_out.moving_mean, self.norm_out.moving_variance], updated)
     return s, t
 
   def _forward(self, x, weights, training):
@@ -250,9 +255,9 @@ class CouplingNet(keras.layers.Layer):
     conv_in, blocks, norm_out, conv_out, scale = weights
     h, updated = weight_norm_conv(x, *conv_in), ()
     for block in blocks:
-      h, block_updated = _block_function()(h, *block, training, self.momentum, 1e-4)
+      h, block_updated = _block_function()(h, *block, training, self.momentum, EPSILON)
       updated += block_updated
-    h, out_updated = batch_norm(h, *norm_out, training, self.momentum, 1e-4)
+    h, out_updated = batch_norm(h, *norm_out, training, self.momentum, EPSILON)
     h = weight_norm_conv(tf.nn.relu(h), *conv_out)
     raw_s, t = tf.split(tf.cast(h, self.variable_dtype), 2, axis=-1)
     return (scale * tf.tanh(raw_s), t, *updated, *out_updated)
