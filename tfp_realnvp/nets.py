@@ -226,7 +226,8 @@ class CouplingNet(keras.layers.Layer):
     for layer in (*self.blocks, self.norm_out, self.conv_out):
       layer.build(features)
     self.scale = self.add_weight(shape=(self.channels,), name='scale', initializer='ones',
-                                 regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
+                                 regularizer=keras.regularizers.L2(self.l2) if self.l2 else None,
+                                 autocast=False)  # s is float32 under mixed precision too
 
   @property
   def convolution_layers(self):
