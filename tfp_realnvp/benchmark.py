@@ -6,7 +6,8 @@ coupling networks' layers: `2 * N * H * W * K_h * K_w * C_in * C_out` per convol
 padding, stride 1); a training step costs three times that (each convolution's two backprop ops
 cost as much as the forward). Other ops (elementwise, reductions) are left out: they are
 memory-bound and well under 1% of the FLOPs. The limit is the FLOP/s of the same convolutions run
-alone, forward and both backprops, one after another.
+alone, forward and both backprops. These are the model's FLOPs: with `recompute` the step also runs
+each network forward again, a third more convolutions than it is credited with.
 """
 
 import collections
@@ -118,19 +119,25 @@ def convolutions_alone_seconds(shapes, calls, dtype=tf.float32):
   return total
 
 
-def networks_alone(model, batch_size):
+def networks_alone(model, batch_size, jit_compile=False):
   """A training step of the coupling networks alone: each network forward (batch statistics),
-  backward and the optimizer's update, on random inputs of the shapes the flow gives them."""
+  backward and the optimizer's update, on random inputs of the shapes the flow gives them (no
+  flow, clipping or L2 term). With `jit_compile`, the networks are compiled with XLA, as the
+  flow is in the train step."""
   nets = [(c.network, tf.random.normal([batch_size, *c.event_shape_in[:2],
                                         c.event_shape_in[2] + 1]))
           for c in couplings(model.flow)]
   variables = model.trainable_variables
 
+  @tf.function(jit_compile=jit_compile)
+  def loss_of_networks():
+    return tf.add_n([tf.reduce_mean(s) + tf.reduce_mean(t)
+                     for s, t in (net(x, training=True) for net, x in nets)])
+
   @tf.function
   def step():
     with tf.GradientTape() as tape:
-      loss = tf.add_n([tf.reduce_mean(s) + tf.reduce_mean(t)
-                       for s, t in (net(x, training=True) for net, x in nets)])
+      loss = loss_of_networks()
     model.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
     return loss
   return step
@@ -203,8 +210,14 @@ def benchmark(config, options=Options(), report=print):
   conv_seconds = convolutions_alone_seconds(shapes, options.steps, compute_dtype)
   data = synthetic_data(config.image_shape, count=max(8 * b, 256))
   batches = training_batches(data, b, seed=0)
+  gpus = tf.config.list_logical_devices('GPU')
+  if gpus:
+    tf.config.experimental.reset_memory_stats(gpus[0].name)
   with ResidentMemory() as memory:
     first, median, traces = _train_step_timings(model, batches, options.steps)
+  if gpus:  # host memory is not the GPU's
+    figures['train_peak_gpu_bytes'] = tf.config.experimental.get_memory_info(gpus[0].name)['peak']
+    report(f'peak GPU memory in training: {figures["train_peak_gpu_bytes"] / 2**30:.2f} GiB')
   figures.update(train_first_step_seconds=first, train_step_seconds=median,
                  train_images_per_second=b / median, train_traces=traces,
                  train_peak_rss_bytes=memory.peak_bytes)
@@ -229,7 +242,7 @@ def benchmark(config, options=Options(), report=print):
     figures[f'{name}_first_call_seconds'] = first
     report(f'{name}: {b / median:.1f} images/s (first call {first:.1f} s)')
 
-  _, nets_seconds = timed_calls(networks_alone(model, b), options.steps)
+  _, nets_seconds = timed_calls(networks_alone(model, b, options.jit_compile), options.steps)
   train_seconds = figures['train_step_seconds']
   figures.update(
       convolutions=len(shapes), train_flops_per_image=flops_per_image,

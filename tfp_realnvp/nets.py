@@ -22,9 +22,9 @@ def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum,
   averages `(mean, variance)`; in inference, the running averages and no update (`()`). TF's
   fused kernel where it applies (one replica, float32 or narrower).
   """
-  def normalize(mean, variance):
+  def normalize(mean, variance):  # in the statistics' dtype, as the fused kernel
     inverse_std = gamma * tf.math.rsqrt(variance + epsilon)
-    return x * tf.cast(inverse_std, x.dtype) + tf.cast(beta - mean * inverse_std, x.dtype)
+    return tf.cast(tf.cast(x, gamma.dtype) * inverse_std + (beta - mean * inverse_std), x.dtype)
 
   def fused(mean, variance, is_training, average=1.):
     return tf.raw_ops.FusedBatchNormV3(
@@ -143,7 +143,8 @@ class BatchNormalization(keras.layers.Layer):
 
   @property
   def weights_for_call(self):
-    """`(gamma, beta, moving_mean, moving_variance)` as float32 tensors."""
+    """`(gamma, beta, moving_mean, moving_variance)` as tensors (float32 under mixed
+    precision)."""
     return _tensors(self.gamma, self.beta, self.moving_mean, self.moving_variance)
 
   def call(self, x, training=False):

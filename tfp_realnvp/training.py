@@ -131,8 +131,7 @@ class Checkpointer:
       if required:
         raise RunError(f'No checkpoint in {self.directory}: train first (launch.train).')
       return None
-    if with_optimizer:
-      self.model.optimizer.build(self.model.trainable_variables)
+    if with_optimizer:  # compile() has built the optimizer's slots
       checkpoint = self.checkpoint
     else:
       checkpoint = tf.train.Checkpoint(variables=list(self.model.variables))
