@@ -164,7 +164,8 @@ def _train_step_timings(model, batches, steps):
 
   start = time.perf_counter()
   model.fit(batches, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[Clock()])
-  first = times[0] + (time.perf_counter() - start - sum(times))  # fit's own setup included
+  # fit's own work outside the steps (setup, teardown) is counted with the first step
+  first = times[0] + (time.perf_counter() - start - sum(times))
   del model.train_step
   return first, statistics.median(times[1:]), len(traces)
 
