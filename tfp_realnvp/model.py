@@ -9,6 +9,7 @@ import tensorflow_probability as tfp
 from tfp_realnvp import optimizers, presets
 from tfp_realnvp.bijectors.batch_norm import BatchStatistics
 from tfp_realnvp.bijectors.multiscale import multiscale_flow
+from tfp_realnvp.distribution import FlowDistribution
 from tfp_realnvp.nets import CouplingNet
 
 tfb, tfd = tfp.bijectors, tfp.distributions
@@ -39,11 +40,20 @@ def _for_keras_reduction(metrics):
 
 @keras.saving.register_keras_serializable(package='tfp_realnvp')
 class RealNVP(keras.Model):
-  """Real NVP (Dinh et al., 2017): an exact density on images `[H, W, C]`, pixels in [0, 256).
+  """Real NVP (Dinh et al., 2017): an exact density on images `[H, W, C]`.
 
   The model owns every coupling network and batch-norm statistic of the multi-scale bijector
   `model.flow` (pixels -> image-shaped latent), and exposes it as a TFP distribution:
-  `model.distribution = TransformedDistribution(unit Gaussian on [H, W, C], Invert(flow))`.
+  `model.distribution`, a `FlowDistribution` (TFP's `TransformedDistribution(unit Gaussian on
+  [H, W, C], Invert(flow))`, one flow pass per call), named after the model. Its
+  `trainable_variables` are the model's. `model.generative_flow` is `Invert(flow)` (latent ->
+  pixels, TFP's direction).
+
+  The density's support is the logit preprocessing's domain, pixels in about (-14.2, 270.2)
+  (`alpha = 0.05`), a little wider than [0, 256): every sample lies in it, and `log_prob` (the
+  model's and the distribution's alike) accepts exactly those points (checked when
+  `validate_args`). Bits/dim of dequantized images bound the discrete negative log-likelihood of
+  uint8 images from above.
 
   Inputs: uint8 (or other integer) images are dequantized with U[0, 1) noise, as in the paper;
   float inputs are taken as already-dequantized pixels in [0, 256). `model(x)` and `predict` give
@@ -58,7 +68,7 @@ class RealNVP(keras.Model):
     model.bits_per_dim(test_images); model.sample(16, temperature=0.7)
   """
 
-  def __init__(self, config=None, name='real_nvp', **overrides):
+  def __init__(self, config=None, name=None, **overrides):
     keras_kwargs = {k: overrides.pop(k) for k in ('trainable',) if k in overrides}
     config = _resolve_config(config, overrides)
     super().__init__(name=name, dtype=config.dtype, **keras_kwargs)
@@ -70,9 +80,9 @@ class RealNVP(keras.Model):
     # Keras does not look inside the bijector (a tf.Module): this list makes the model own them.
     self.flow_layers = self.flow.keras_layers
     dtype = tf.as_dtype(config.dtype)
-    self.distribution = tfd.TransformedDistribution(
+    self.distribution = FlowDistribution(
         tfd.Sample(tfd.Normal(tf.zeros([], dtype), tf.ones([], dtype)), config.image_shape),
-        tfb.Invert(self.flow), name='real_nvp')
+        self.flow, name=self.name)
     self._bits_per_dim_metric = keras.metrics.Mean(name='bits_per_dim')
     self._num_dims = math.prod(config.image_shape)
     self._flow_forward = self.flow.forward_and_log_det
@@ -93,8 +103,16 @@ class RealNVP(keras.Model):
   def image_shape(self):
     return self.config.image_shape
 
-  def _pixels(self, images, dequantize, seed=None, check_range=False):
-    """Float pixels in [0, 256) from uint8 (dequantized) or float (as given) images."""
+  @property
+  def generative_flow(self):
+    """`tfb.Invert(model.flow)`: latent -> pixels, the direction of TFP's convention."""
+    return self.distribution.bijector
+
+  def _pixels(self, images, dequantize, seed=None):
+    """Float pixels from uint8 (dequantized into [0, 256)) or float (as given) images.
+
+    Float pixels are checked (under `validate_args`) by the flow's `Logit`, which defines the
+    support for this method and `model.distribution` alike."""
     images = tf.convert_to_tensor(images)
     if images.shape.rank is None or images.shape.rank < 3 or not images.shape[-3:].is_compatible_with(
         self.image_shape):
@@ -102,8 +120,7 @@ class RealNVP(keras.Model):
                        f'{", ".join(map(str, self.image_shape))}], got {images.shape}.')
     dtype = tf.as_dtype(self.config.dtype)
     if images.dtype.is_floating:
-      pixels = tf.cast(images, dtype)
-      return self._checked_range(pixels) if check_range and self.config.validate_args else pixels
+      return tf.cast(images, dtype)
     if not images.dtype.is_integer:
       raise TypeError(f'{self.name}: expected uint8 or float images, got {images.dtype.name}.')
     pixels = tf.cast(images, dtype)
@@ -113,20 +130,13 @@ class RealNVP(keras.Model):
       return pixels + tf.random.uniform(tf.shape(pixels), dtype=dtype)
     return pixels + tf.random.stateless_uniform(tf.shape(pixels), [seed, 0], dtype=dtype)
 
-  def _checked_range(self, pixels):
-    message = (f'{self.name}: pixels must be numbers in [0, 256] (uint8 images, or float images '
-               'dequantized to [0, 256))')
-    with tf.control_dependencies([
-        tf.debugging.assert_greater_equal(pixels, tf.zeros([], pixels.dtype), message=message),
-        tf.debugging.assert_less_equal(pixels, tf.constant(256., pixels.dtype), message=message)]):
-      return tf.identity(pixels)
-
   def log_prob(self, images, training=False, seed=None):
-    """log p(x) in nats, a density on [0, 256)^D, one pass through the flow.
+    """log p(x) in nats, one pass through the flow; the density lives on the logit
+    preprocessing's domain (see the class docstring), the same as `model.distribution`'s.
 
     uint8 images are dequantized with U[0, 1) noise (`seed` makes it repeatable).
     """
-    pixels = self._pixels(images, 'uniform', seed, check_range=True)
+    pixels = self._pixels(images, 'uniform', seed)
     latent, log_det = self._flow_forward(pixels, training=training)
     return self.distribution.distribution.log_prob(latent) + log_det
 
@@ -220,4 +230,4 @@ class RealNVP(keras.Model):
 
   @classmethod
   def from_config(cls, config):
-    return cls(presets.RealNVPConfig(**config['config']), name=config.get('name', 'real_nvp'))
+    return cls(presets.RealNVPConfig(**config['config']), name=config.get('name'))

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 import tensorflow as tf
 
-from tfp_realnvp.bijectors.batch_norm import synchronized_moments
+from tfp_realnvp.bijectors.batch_norm import moving_average, synchronized_moments
 
 EPSILON = 1e-4  # the networks' batch norm
 
@@ -40,13 +40,12 @@ def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum,
     # The kernel also returns the updated running averages (of the unbiased variance).
     y, *updated = fused(moving_mean, moving_variance, True, average=1. - momentum)
     return y, tuple(updated)
-  mean, variance = synchronized_moments(tf.cast(x, gamma.dtype))
-  context = tf.distribute.get_replica_context()
-  replicas = context.num_replicas_in_sync if context else 1
-  count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]) * replicas, gamma.dtype)
+  mean, variance, count = synchronized_moments(tf.cast(x, gamma.dtype), with_count=True)
+  # The unbiased variance is undefined for one value: keep the biased one (0) there.
+  unbiased = variance * count / tf.maximum(count - 1., 1.)
   return normalize(mean, variance), tuple(
-      momentum * m + (1. - momentum) * tf.stop_gradient(batch) for m, batch in
-      ((moving_mean, mean), (moving_variance, variance * count / (count - 1.))))
+      moving_average(m, batch, momentum, count) for m, batch in
+      ((moving_mean, mean), (moving_variance, unbiased)))
 
 
 def _tensors(*variables):

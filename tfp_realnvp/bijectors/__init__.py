@@ -1,7 +1,7 @@
 """Real NVP's bijectors on `[H, W, C]` events, each with a one-pass value and log-det."""
 
 from tfp_realnvp.bijectors.affine_coupling import AffineCoupling, channel_mask, checkerboard
-from tfp_realnvp.bijectors.base import FlowBijector, Inverted, Sequential
+from tfp_realnvp.bijectors.base import FlowBijector, Inverted, Sequential, one_pass
 from tfp_realnvp.bijectors.batch_norm import BatchNorm, BatchStatistics
 from tfp_realnvp.bijectors.logit import Logit
 from tfp_realnvp.bijectors.multiscale import FactorOut, multiscale_flow

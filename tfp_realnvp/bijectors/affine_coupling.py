@@ -68,8 +68,7 @@ class AffineCoupling(FlowBijector):
   def network(self):
     return self._network
 
-  @property
-  def keras_layers(self):
+  def _own_keras_layers(self):
     return [self._network]
 
   def _shift_and_log_scale(self, x, training):

@@ -3,12 +3,101 @@
 TFP asks a bijector for its transform and its log-det in two calls; a coupling layer would run its
 network twice. Every bijector here computes both from one call (`forward_and_log_det`,
 `inverse_and_log_det`), and TFP's four hooks are thin views of those two.
+
+Caching. TFP's bijector cache keys results on the input tensor and keeps them as long as that
+tensor lives, so after the weights change it would return the old transform and log-det. Here the
+cache holds results only inside a `one_pass()` scope (which `FlowDistribution` opens around each
+of its methods) and is emptied when the scope ends: within one `log_prob` or `sample` call the
+log-det computed with the transform is handed to TFP (as TFP's `FFJORD` does), and no result ever
+outlives the call, so it cannot outlive the weights it was computed with. Outside a scope, every
+call computes afresh.
 """
+
+import collections.abc
+import contextlib
+import threading
 
 import tensorflow as tf
 import tensorflow_probability as tfp
+from tensorflow_probability.python.internal import cache_util
 
 tfb = tfp.bijectors
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def one_pass():
+  """Within this block, TFP's calls on the same tensor share one pass of each `FlowBijector`.
+
+  E.g. TFP's `TransformedDistribution.log_prob(y)` asks for `inverse(y)` and then for the log-det
+  at `y`; inside `one_pass()` the second is the log-det computed with the first. Every cached
+  result is dropped when the outermost block ends. Do not change the weights inside the block.
+  """
+  depth = getattr(_scope, 'depth', 0)
+  _scope.depth = depth + 1
+  try:
+    yield
+  finally:
+    _scope.depth = depth
+    if depth == 0:
+      _ScopedCache.clear_all()
+
+
+def _in_one_pass():
+  return getattr(_scope, 'depth', 0) > 0
+
+
+class _ScopedCache(cache_util.BijectorCacheWithGreedyAttrs):
+  """TFP's cache with the log-det as a greedy attribute, active only inside `one_pass()`."""
+
+  _storages = []  # every storage that may hold entries (one, shared by the bound copies)
+
+  def _lookup(self, input, forward_name, inverse_name, **kwargs):  # pylint: disable=redefined-builtin
+    if not _in_one_pass():
+      return self._invoke(input, forward_name, kwargs, {})
+    if not any(s is self.storage for s in _ScopedCache._storages):
+      _ScopedCache._storages.append(self.storage)
+    return super()._lookup(input, forward_name, inverse_name, **kwargs)
+
+  def _attributes(self, input, fn_name, **kwargs):  # pylint: disable=redefined-builtin
+    if not _in_one_pass():
+      return {}  # nothing cached: TFP computes the log-det afresh
+    return super()._attributes(input, fn_name, **kwargs)
+
+  @classmethod
+  def clear_all(cls):
+    for storage in cls._storages:
+      for key in list(storage.keys()):
+        key.cancel()
+        storage.pop(key, None)
+
+
+class _KerasVariables(collections.abc.Mapping):
+  """A live view `{path: tf.Variable}` of Keras layers' variables, for `tf.Module`.
+
+  Keras 3 variables are not `tf.Variable`s, so `tf.Module.trainable_variables` (and every TFP
+  distribution built on the bijector) would miss them. `tf.Module` walks its attributes and the
+  mappings in them: this one yields the `tf.Variable` behind each Keras variable, read when asked,
+  so variables that a layer creates on its first call are found too.
+  """
+
+  def __init__(self, layers_fn):
+    self._layers_fn = layers_fn
+
+  def _variables(self):
+    return {f'{i}/{v.path}': getattr(v, 'value', v)
+            for i, layer in enumerate(self._layers_fn())
+            for v in getattr(layer, 'weights', ())}
+
+  def __getitem__(self, key):
+    return self._variables()[key]
+
+  def __iter__(self):
+    return iter(self._variables())
+
+  def __len__(self):
+    return len(self._variables())
 
 
 class FlowBijector(tfb.Bijector):
@@ -17,11 +106,19 @@ class FlowBijector(tfb.Bijector):
   Subclasses implement `_forward_and_log_det(x, training)` and `_inverse_and_log_det(y, training)`
   on rank-4 `[N, H, W, C]` tensors, returning the value and the per-example log-det `[N]`; a
   subclass that changes the event shape overrides `_output_shape`. Any leading batch shape is
-  flattened here, so `[H, W, C]` alone and `[..., H, W, C]` both work.
+  flattened here, so `[H, W, C]` alone and `[..., H, W, C]` both work, and the event-shape methods
+  keep leading event dims as TFP's `Reshape` does (`[2, H, W, C]` in, `[2, H', W', C']` out).
 
   `training` selects batch statistics in batch normalization; TFP's own calls
-  (`forward`, `inverse`, `*_log_det_jacobian`, distributions) default to inference.
+  (`forward`, `inverse`, `*_log_det_jacobian`, distributions) default to inference and take it as
+  a keyword (`dist.log_prob(x, bijector_kwargs={'training': True})`).
+
+  `variables` and `trainable_variables` (`tf.Module`'s) list the `tf.Variable`s behind the Keras
+  layers' variables, so any TFP distribution built on the bijector lists them too.
   """
+
+  # TFP's cache, holding the one-pass log-det beside the value, but only inside `one_pass()`.
+  _cache = _ScopedCache(forward_name='_augmented_forward', inverse_name='_augmented_inverse')
 
   def __init__(self, event_shape, validate_args=False, parameters=None, name=None,
                dtype=tf.float32, is_constant_jacobian=False):
@@ -33,6 +130,13 @@ class FlowBijector(tfb.Bijector):
     super().__init__(forward_min_event_ndims=3, validate_args=validate_args,
                      parameters=parameters, name=name, dtype=tf.as_dtype(dtype),
                      is_constant_jacobian=is_constant_jacobian)
+    # Read by tf.Module's variable walk (see `_KerasVariables`).
+    self._keras_variables = _KerasVariables(self._own_keras_layers)
+
+  @classmethod
+  def _parameter_properties(cls, dtype, num_classes=None):
+    # No parameter has a batch shape: one bijector per model (`experimental_batch_shape() == []`).
+    return dict()
 
   @property
   def event_shape_in(self):
@@ -52,10 +156,15 @@ class FlowBijector(tfb.Bijector):
     """The bijectors this one is made of (none for a single layer)."""
     return ()
 
+  def _own_keras_layers(self):
+    """The Keras layers this bijector itself holds (not its parts')."""
+    return []
+
   @property
   def keras_layers(self):
     """The Keras layers holding this bijector's variables (a Keras model must own them)."""
-    return [layer for part in self.parts for layer in part.keras_layers]
+    return self._own_keras_layers() + [layer for part in self.parts
+                                       for layer in part.keras_layers]
 
   def forward_and_log_det(self, x, training=False):
     """Returns `(forward(x), forward_log_det_jacobian(x))` from one pass."""
@@ -72,10 +181,15 @@ class FlowBijector(tfb.Bijector):
     if x.dtype != self.dtype:
       raise TypeError(f'{self.name}.{direction}: expected a {self.dtype.name} tensor, '
                       f'got {x.dtype.name}.')
+    expected = f'[..., {", ".join(map(str, event_shape))}] ([..., H, W, C])'
     if x.shape.rank is None or x.shape.rank < 3 or not x.shape[-3:].is_compatible_with(
         event_shape):
-      raise ValueError(f'{self.name}.{direction}: expected shape [..., {", ".join(map(str, event_shape))}]'
-                       f' ([..., H, W, C]), got {x.shape}.')
+      raise ValueError(f'{self.name}.{direction}: expected shape {expected}, got {x.shape}.')
+    if self.validate_args and not x.shape[-3:].is_fully_defined():
+      with tf.control_dependencies([tf.debugging.assert_equal(
+          tf.shape(x)[-3:], tf.constant(event_shape, tf.int32),
+          message=f'{self.name}.{direction}: expected shape {expected}')]):
+        x = tf.identity(x)
     return x
 
   @staticmethod
@@ -87,7 +201,16 @@ class FlowBijector(tfb.Bijector):
     y = tf.reshape(y, tf.concat([batch_shape, y.shape[-3:].as_list()], axis=0))
     return y, tf.reshape(log_det, batch_shape)
 
-  # TFP's hooks, all views of the two one-pass methods.
+  # TFP's hooks, all views of the two one-pass methods. The cache calls the `_augmented_*` pair
+  # and keeps the log-det as the attribute 'ildj' (log|det| of the inverse at the pair).
+  def _augmented_forward(self, x, training=False):
+    y, log_det = self.forward_and_log_det(x, training)
+    return y, {'ildj': -log_det}
+
+  def _augmented_inverse(self, y, training=False):
+    x, log_det = self.inverse_and_log_det(y, training)
+    return x, {'ildj': log_det}
+
   def _forward(self, x, training=False):
     return self.forward_and_log_det(x, training)[0]
 
@@ -100,17 +223,43 @@ class FlowBijector(tfb.Bijector):
   def _inverse_log_det_jacobian(self, y, training=False):
     return self.inverse_and_log_det(y, training)[1]
 
+  # Event shapes as TFP's `Reshape`: leading event dims are kept, the trailing [H, W, C] checked.
   def _forward_event_shape(self, input_shape):
-    return tf.TensorShape(self.event_shape_out)
+    return self._replaced_event_shape(input_shape, self.event_shape_in, self.event_shape_out)
 
   def _inverse_event_shape(self, output_shape):
-    return tf.TensorShape(self.event_shape_in)
+    return self._replaced_event_shape(output_shape, self.event_shape_out, self.event_shape_in)
 
   def _forward_event_shape_tensor(self, input_shape):
-    return tf.constant(self.event_shape_out, dtype=tf.int32)
+    return self._replaced_event_shape_tensor(input_shape, self.event_shape_in,
+                                             self.event_shape_out)
 
   def _inverse_event_shape_tensor(self, output_shape):
-    return tf.constant(self.event_shape_in, dtype=tf.int32)
+    return self._replaced_event_shape_tensor(output_shape, self.event_shape_out,
+                                             self.event_shape_in)
+
+  def _replaced_event_shape(self, shape, event_in, event_out):
+    shape = tf.TensorShape(shape)
+    if shape.rank is None:
+      return tf.TensorShape(None)
+    if shape.rank < 3 or not shape[-3:].is_compatible_with(event_in):
+      raise ValueError(f'{self.name}: expected an event shape [..., '
+                       f'{", ".join(map(str, event_in))}] ([..., H, W, C]), got {shape}.')
+    return shape[:-3].concatenate(event_out)
+
+  def _replaced_event_shape_tensor(self, shape, event_in, event_out):
+    static = tf.get_static_value(shape)
+    if static is not None:
+      return tf.constant(self._replaced_event_shape(static, event_in, event_out).as_list(),
+                         tf.int32)
+    shape = tf.cast(shape, tf.int32)
+    if self.validate_args:
+      with tf.control_dependencies([tf.debugging.assert_equal(
+          shape[-3:], tf.constant(event_in, tf.int32),
+          message=f'{self.name}: expected an event shape [..., '
+                  f'{", ".join(map(str, event_in))}] ([..., H, W, C])')]):
+        shape = tf.identity(shape)
+    return tf.concat([shape[:-3], tf.constant(event_out, tf.int32)], axis=0)
 
 
 def sum_event(x):

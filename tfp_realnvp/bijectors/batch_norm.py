@@ -29,18 +29,26 @@ class BatchStatistics(keras.layers.Layer):
   def call(self, x, training=False):
     if not training:
       return self.moving_mean, self.moving_variance
-    mean, variance = synchronized_moments(x)
+    mean, variance, count = synchronized_moments(x, with_count=True)
     for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-      moving.assign(self.momentum * moving + (1. - self.momentum) * tf.stop_gradient(batch))
+      moving.assign(moving_average(moving, batch, self.momentum, count))
     return mean, variance
 
   def get_config(self):
     return {**super().get_config(), 'momentum': self.momentum}
 
 
-def synchronized_moments(x):
+def moving_average(moving, batch, momentum, count):
+  """`momentum * moving + (1 - momentum) * batch`, or `moving` unchanged when the batch is empty
+  (`count` values in all replicas' batches), whose statistics are undefined."""
+  updated = momentum * moving + (1. - momentum) * tf.stop_gradient(tf.cast(batch, moving.dtype))
+  return tf.where(count > 0, updated, tf.convert_to_tensor(moving))
+
+
+def synchronized_moments(x, with_count=False):
   """Per-channel mean and variance of `[N, H, W, C]` over every replica's batch, in two passes
-  (E[x^2] - E[x]^2 cancels badly in float32 when the mean is large)."""
+  (E[x^2] - E[x]^2 cancels badly in float32 when the mean is large); with `with_count`, also the
+  number of values per channel. An empty batch gives zeros."""
   context = tf.distribute.get_replica_context()
 
   def total(value):
@@ -49,9 +57,10 @@ def synchronized_moments(x):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
   count = total(tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype))
-  mean = total(tf.reduce_sum(x, axis=[0, 1, 2])) / count
-  variance = total(tf.reduce_sum(tf.square(x - mean), axis=[0, 1, 2])) / count
-  return mean, variance
+  divisor = tf.maximum(count, 1.)
+  mean = total(tf.reduce_sum(x, axis=[0, 1, 2])) / divisor
+  variance = total(tf.reduce_sum(tf.square(x - mean), axis=[0, 1, 2])) / divisor
+  return (mean, variance, count) if with_count else (mean, variance)
 
 
 class BatchNorm(FlowBijector):
@@ -78,8 +87,7 @@ class BatchNorm(FlowBijector):
     self._statistics = statistics
     self._epsilon = epsilon
 
-  @property
-  def keras_layers(self):
+  def _own_keras_layers(self):
     return [self._statistics]
 
   def _log_std(self, x, training):

@@ -13,10 +13,13 @@ class Logit(FlowBijector):
     inverse:   x = 256 * (sigmoid(y) - alpha) / (1 - 2 alpha)
     log|det dy/dx| = sum(log((1 - 2 alpha) / 256) - log(p) - log(1 - p))
 
-  The official code's squashing to `[alpha, 1 - alpha]` (alpha = 0.05), so that a flow on `y`
-  times this Jacobian is a density on `[0, 256)^D` and bits/dim follow the paper's definition.
-  With `validate_args`, inputs outside the logit's domain (NaN included) raise an error instead
-  of giving NaN. The domain is a little wider than [0, 256]: decoding a latent can land there.
+  The official code's squashing to `[alpha, 1 - alpha]` (alpha = 0.05); a flow on `y` times this
+  Jacobian is a density on the logit's domain, `x` in `(-256 alpha, 256 (1 - alpha)) / (1 - 2
+  alpha)`, about (-14.2, 270.2): the model's support, a little wider than [0, 256), where every
+  decoded latent lands. Its mass in [0, 256)^D is at most 1, so bits/dim of dequantized pixels
+  bound the discrete negative log-likelihood from above, as in the paper.
+  With `validate_args`, inputs outside the domain (NaN included) raise an error instead of
+  giving NaN.
 
   Example:
     Logit([28, 28, 1]).forward(128. * tf.ones([28, 28, 1]))  # zeros
@@ -45,8 +48,8 @@ class Logit(FlowBijector):
     # p must lie in (0, 1): x in (-256 alpha / (1 - 2 alpha), 256 (1 - alpha) / (1 - 2 alpha)), a bit
     # wider than [0, 256], the range that decoded latents can reach.
     low, high = (256. * np.array([-self._alpha, 1. - self._alpha]) / (1. - 2. * self._alpha))
-    message = (f'{self.name}: inputs must be pixel values in the logit\'s domain '
-               f'({low:.3g}, {high:.4g}) (pixels are [0, 256))')
+    message = (f'{self.name}: pixels must lie in the model\'s support, the logit\'s domain '
+               f'({low:.3g}, {high:.4g}), which holds [0, 256) and every sample')
     with tf.control_dependencies([
         tf.debugging.assert_greater(x, tf.constant(low, x.dtype), message=message),
         tf.debugging.assert_less(x, tf.constant(high, x.dtype), message=message)]):
