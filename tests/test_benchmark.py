@@ -37,7 +37,9 @@ def test_benchmark_command_reports_every_figure(tmp_path):
   report = json.loads(output.read_text())
   figures, = report['results']
   assert figures['train_traces'] == 1  # no retracing after the first step
+  assert 'dist.log_prob img/s' in result.stdout
   for key in ('train_images_per_second', 'log_prob_images_per_second',
+              'distribution_log_prob_images_per_second', 'distribution_log_prob_speed_ratio',
               'sample_images_per_second', 'encode_images_per_second',
               'decode_images_per_second', 'input_pipeline_images_per_second',
               'train_flops_per_second', 'convolutions_alone_flops_per_second',

@@ -233,6 +233,9 @@ def benchmark(config, options=Options(), report=print):
   latent = model.encode(pixels)
   calls = {
       'log_prob': tf.function(lambda: model.log_prob(pixels), jit_compile=options.jit_compile),
+      # The same density through TFP's API (`TransformedDistribution.log_prob`).
+      'distribution_log_prob': tf.function(lambda: model.distribution.log_prob(pixels),
+                                           jit_compile=options.jit_compile),
       'sample': tf.function(lambda: model.sample(b, seed=1), jit_compile=options.jit_compile),
       'encode': tf.function(lambda: model.encode(pixels), jit_compile=options.jit_compile),
       'decode': tf.function(lambda: model.decode(latent), jit_compile=options.jit_compile),
@@ -242,6 +245,10 @@ def benchmark(config, options=Options(), report=print):
     figures[f'{name}_images_per_second'] = b / median
     figures[f'{name}_first_call_seconds'] = first
     report(f'{name}: {b / median:.1f} images/s (first call {first:.1f} s)')
+  figures['distribution_log_prob_speed_ratio'] = (figures['distribution_log_prob_images_per_second']
+                                                  / figures['log_prob_images_per_second'])
+  report(f'model.distribution.log_prob at {figures["distribution_log_prob_speed_ratio"]:.2f}x '
+         'the speed of model.log_prob')
 
   _, nets_seconds = timed_calls(networks_alone(model, b, options.jit_compile), options.steps)
   train_seconds = figures['train_step_seconds']
