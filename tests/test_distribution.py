@@ -97,6 +97,24 @@ def test_samples_are_scored_with_the_current_weights():
       layer.conv_out.bias.assign(tf.fill(layer.conv_out.bias.shape, 0.2))
   np.testing.assert_allclose(model.distribution.log_prob(samples), model.log_prob(samples),
                              rtol=1e-5)
+  # Sample and log-prob in one pass: the log-det handed over is the right one (sign included).
+  samples, log_prob = model.distribution.experimental_sample_and_log_prob(4, seed=2)
+  np.testing.assert_allclose(log_prob, model.log_prob(samples), rtol=1e-4)
+
+
+def test_a_one_pass_scope_keeps_nothing_beyond_itself(monkeypatch):
+  from tfp_realnvp.bijectors import base
+  monkeypatch.setattr(base._ScopedCache, '_storages', [])  # as in a fresh process
+  model = rn.RealNVP(DIGITS)
+  x = _float_pixels(np.full([2, 8, 8, 1], 90, np.uint8))
+  with rn.bijectors.one_pass():  # a log-det is the first thing ever cached
+    before = model.flow.forward_log_det_jacobian(x, event_ndims=3)
+  model.flow_layers[0].scale.assign(3. * model.flow_layers[0].scale)
+  model.flow_layers[0].conv_out.g.assign(tf.fill(model.flow_layers[0].conv_out.g.shape, 0.5))
+  with rn.bijectors.one_pass():
+    after = model.flow.forward_log_det_jacobian(x, event_ndims=3)
+  assert np.abs(after - before).max() > 1e-2
+  np.testing.assert_allclose(after, model.flow.forward_and_log_det(x)[1], rtol=1e-5)
 
 
 def test_variables_are_the_models_and_a_gradient_tape_loop_trains_them(digits):
@@ -186,10 +204,12 @@ def test_one_support_for_samples_model_and_distribution():
   inside[0, 0, 0, 0], inside[0, 1, 1, 0] = -14., 270.
   assert np.isfinite(model.log_prob(inside)).all()
   assert np.isfinite(model.distribution.log_prob(inside)).all()
+  compiled = rn.RealNVP(DIGITS)
+  compiled.compile(jit_compile=True)  # XLA drops run-time checks: the model checks before it
   for bad in (-15., 271., np.nan):
     outside = np.full([1, 8, 8, 1], 100., np.float32)
     outside[0, 3, 3, 0] = bad
-    for log_prob in (model.log_prob, model.distribution.log_prob):
+    for log_prob in (model.log_prob, model.distribution.log_prob, compiled.log_prob):
       with pytest.raises(tf.errors.InvalidArgumentError, match=r"model's support"):
         log_prob(outside)
 
@@ -216,6 +236,17 @@ def test_batch_shapes_are_scalar():
   assert model.generative_flow.experimental_batch_shape() == []
   assert model.distribution.batch_shape == []
   assert model.distribution.event_shape == [8, 8, 1]
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+@pytest.mark.parametrize('batch', [1, 0])
+def test_network_batch_norm_statistics_stay_finite_for_any_batch(batch, dtype):
+  norm = rn.nets.BatchNormalization(dtype=dtype)
+  x = tf.fill([batch, 1, 1, 3], tf.constant(2., dtype))
+  norm(x, training=True)
+  assert np.isfinite(norm.moving_mean.numpy()).all()
+  assert np.isfinite(norm.moving_variance.numpy()).all()
+  assert np.isfinite(norm(tf.ones([2, 1, 1, 3], dtype))).all()
 
 
 @pytest.mark.parametrize('batch', [1, 0])

@@ -13,8 +13,8 @@ MAX_SAMPLES = 4096
 class ServingModule(tf.Module):
   """The inference-mode model (batch norm on running averages) behind four signatures.
 
-  - `log_prob` (also `serving_default`): `images` uint8 `[N, H, W, C]` -> `log_prob` (nats, a
-    density on [0, 256)^D) and `bits_per_dim`, float32 `[N]`. Dequantization is deterministic:
+  - `log_prob` (also `serving_default`): `images` uint8 `[N, H, W, C]` -> `log_prob` (nats, the
+    model's density, on the logit's domain) and `bits_per_dim`, float32 `[N]`. Dequantization is deterministic:
     each pixel is taken at its centre, `x + 0.5`.
   - `sample`: `num_samples` int32 (1..4096), `temperature` float32 (> 0), `seed` int64 ->
     `images` uint8; the same seed gives the same images.

@@ -111,8 +111,9 @@ class RealNVP(keras.Model):
   def _pixels(self, images, dequantize, seed=None):
     """Float pixels from uint8 (dequantized into [0, 256)) or float (as given) images.
 
-    Float pixels are checked (under `validate_args`) by the flow's `Logit`, which defines the
-    support for this method and `model.distribution` alike."""
+    Float pixels are checked (under `validate_args`) against the flow's `Logit` domain, the
+    support for this method and `model.distribution` alike (here, before any XLA-compiled
+    call, which would drop the check)."""
     images = tf.convert_to_tensor(images)
     if images.shape.rank is None or images.shape.rank < 3 or not images.shape[-3:].is_compatible_with(
         self.image_shape):
@@ -120,7 +121,8 @@ class RealNVP(keras.Model):
                        f'{", ".join(map(str, self.image_shape))}], got {images.shape}.')
     dtype = tf.as_dtype(self.config.dtype)
     if images.dtype.is_floating:
-      return tf.cast(images, dtype)
+      pixels = tf.cast(images, dtype)
+      return self.flow.bijectors[0].checked_domain(pixels) if self.config.validate_args else pixels
     if not images.dtype.is_integer:
       raise TypeError(f'{self.name}: expected uint8 or float images, got {images.dtype.name}.')
     pixels = tf.cast(images, dtype)

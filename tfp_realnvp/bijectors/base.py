@@ -56,14 +56,18 @@ class _ScopedCache(cache_util.BijectorCacheWithGreedyAttrs):
   def _lookup(self, input, forward_name, inverse_name, **kwargs):  # pylint: disable=redefined-builtin
     if not _in_one_pass():
       return self._invoke(input, forward_name, kwargs, {})
-    if not any(s is self.storage for s in _ScopedCache._storages):
-      _ScopedCache._storages.append(self.storage)
+    self._register()
     return super()._lookup(input, forward_name, inverse_name, **kwargs)
 
   def _attributes(self, input, fn_name, **kwargs):  # pylint: disable=redefined-builtin
     if not _in_one_pass():
       return {}  # nothing cached: TFP computes the log-det afresh
+    self._register()
     return super()._attributes(input, fn_name, **kwargs)
+
+  def _register(self):
+    if not any(s is self.storage for s in _ScopedCache._storages):
+      _ScopedCache._storages.append(self.storage)
 
   @classmethod
   def clear_all(cls):

@@ -35,7 +35,7 @@ class Logit(FlowBijector):
 
   def _forward_and_log_det(self, x, training):
     if self.validate_args:
-      x = self._checked_domain(x)
+      x = self.checked_domain(x)
     p = self._alpha + (1. - 2. * self._alpha) * x / 256.
     y = tf.math.log(p) - tf.math.log1p(-p)
     return y, self._log_det(y)
@@ -44,7 +44,8 @@ class Logit(FlowBijector):
     x = 256. * (tf.sigmoid(y) - self._alpha) / (1. - 2. * self._alpha)
     return x, -self._log_det(y)
 
-  def _checked_domain(self, x):
+  def checked_domain(self, x):
+    """`x`, with a run-time check that it lies in the domain (the message names the bounds)."""
     # p must lie in (0, 1): x in (-256 alpha / (1 - 2 alpha), 256 (1 - alpha) / (1 - 2 alpha)), a bit
     # wider than [0, 256], the range that decoded latents can reach.
     low, high = (256. * np.array([-self._alpha, 1. - self._alpha]) / (1. - 2. * self._alpha))
