@@ -41,8 +41,11 @@ class BatchStatistics(keras.layers.Layer):
 def moving_average(moving, batch, momentum, count):
   """`momentum * moving + (1 - momentum) * batch`, or `moving` unchanged when the batch is empty
   (`count` values in all replicas' batches), whose statistics are undefined."""
-  updated = momentum * moving + (1. - momentum) * tf.stop_gradient(tf.cast(batch, moving.dtype))
-  return tf.where(count > 0, updated, tf.convert_to_tensor(moving))
+  moving = tf.convert_to_tensor(moving)
+  batch = tf.stop_gradient(tf.cast(batch, moving.dtype))
+  # No select: the weight of the batch is 0 for an empty batch (whose statistics are 0, finite).
+  weight = (1. - momentum) * tf.minimum(tf.cast(count, moving.dtype), 1.)
+  return moving + weight * (batch - moving)
 
 
 def synchronized_moments(x, with_count=False):
