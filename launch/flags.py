@@ -1,5 +1,7 @@
 """Flags shared by the launcher's commands, and the model config they resolve to."""
 
+import math
+
 from absl import flags
 
 from tfp_realnvp import data as data_lib
@@ -54,6 +56,12 @@ flags.DEFINE_integer('seed', 0, 'Seed of weights and data order.')
 flags.DEFINE_integer('noise_draws', 1, 'Dequantization noise draws per test image in the '
                      'evaluation (the paper: one).', lower_bound=1)
 flags.DEFINE_float('temperature', 0.7, 'Sampling temperature.', lower_bound=0.)
+
+# absl's bounds let NaN through (every comparison with NaN is false): refuse it, and infinities.
+for _name in ('alpha', 'batch_norm_momentum', 'batch_norm_epsilon', 'l2', 'learning_rate',
+              'clipnorm', 'temperature'):
+  flags.register_validator(_name, lambda value: value is None or math.isfinite(value),
+                           message=f'--{_name} must be a finite number.')
 
 _MODEL_FLAGS = ('num_scales', 'num_blocks', 'num_filters', 'alpha', 'batch_norm_momentum',
                 'batch_norm_epsilon', 'l2', 'learning_rate', 'clipnorm', 'validate_args',

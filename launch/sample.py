@@ -5,6 +5,7 @@
 """
 
 from absl import app, flags
+import numpy as np
 
 from launch import flags as launch_flags
 from launch.common import fail_clearly, run_data
@@ -31,6 +32,9 @@ def main(argv):
     pixels, columns = training.latent_manifold(model, images, FLAGS.grid_size), FLAGS.grid_size
   else:
     pixels, columns = model.sample(FLAGS.num, FLAGS.temperature, seed=FLAGS.seed), None
+  if not np.isfinite(pixels.numpy()).all():
+    raise training.RunError('The samples hold NaN or infinite values: the model has diverged; '
+                            'nothing written.')
   save_png(to_uint8(pixels).numpy(), FLAGS.out, columns)
   print(f'wrote {FLAGS.out}')
 

@@ -31,10 +31,9 @@ def read_images(source, image_shape):
     images = np.stack(list(images.as_numpy_iterator()))
     names = [f'{source}[{i}]' for i in range(len(images))]
   elif os.path.isdir(source):
-    images = data_lib.read_image_folder(source, image_shape[0])
+    names, images = data_lib.read_image_folder(source, image_shape[0])  # names with images
     if image_shape[-1] == 1:
       images = np.round(images.mean(-1, keepdims=True)).astype(np.uint8)
-    names = sorted(p for p in os.listdir(source))
   elif source.endswith('.npy') and os.path.exists(source):
     images = np.load(source, allow_pickle=False)
     names = [f'{source}[{i}]' for i in range(len(images))]
@@ -59,6 +58,10 @@ def main(argv):
     draws = [model.bits_per_dim(batch, seed=start * FLAGS.noise_draws + d + 1)
              for d in range(FLAGS.noise_draws)]
     bits[start:start + len(batch)] = tf.reduce_mean(tf.stack(draws), 0).numpy()
+  if not np.isfinite(bits).all():
+    bad = [n for n, b in zip(names, bits) if not np.isfinite(b)]
+    raise training.RunError(f'{len(bad)} scores are not finite (e.g. {bad[0]}): the model has '
+                            'diverged; nothing written.')
   rows = [{'image': n, 'bits_per_dim': float(b)} for n, b in zip(names, bits)]
   if FLAGS.out.endswith('.json'):
     with open(FLAGS.out, 'w') as f:

@@ -2,7 +2,10 @@
 
   python -m launch.train --workdir=runs/mnist [--dataset=mnist] [--preset=...] [overrides]
 
-Rerunning the same command resumes from the latest checkpoint.
+Rerunning the same command resumes from the newest checkpoint that loads (never from step 0
+over existing checkpoints: `--restart` sets the old run's files aside and starts over). One run
+per workdir at a time (an OS lock, released however the run ends). A loss that is not finite
+stops the run with an error, and a model that is not finite is never checkpointed.
 """
 
 import os
@@ -20,6 +23,9 @@ from tfp_realnvp.images import save_png
 from tfp_realnvp.model import RealNVP, to_uint8
 
 FLAGS = launch_flags.FLAGS
+flags.DEFINE_bool('restart', False, 'Start from step 0 even if the workdir holds checkpoints '
+                  '(they, the config, metrics and logs are moved to WORKDIR/before-restart-TIME/, '
+                  'not deleted).')
 
 
 class Throughput(keras.callbacks.Callback):
@@ -65,7 +71,15 @@ def main(argv):
   global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
   steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
   chief = training.is_chief(strategy)
-  training.save_or_check_run_config(FLAGS.workdir, run_config(data, config, strategy))
+  if chief:
+    training.lock_workdir(FLAGS.workdir)
+    if FLAGS.restart:
+      aside = training.set_aside_run(FLAGS.workdir)
+      if aside:
+        print(f'--restart: the previous run\'s files are in {aside}; starting from step 0.',
+              flush=True)
+  config_of_run = run_config(data, config, strategy)
+  training.check_run_config(FLAGS.workdir, config_of_run)
 
   keras.utils.set_random_seed(FLAGS.seed)
   with strategy.scope():
@@ -73,12 +87,18 @@ def main(argv):
     model.compile(jit_compile=FLAGS.jit_compile)
     checkpointer = training.Checkpointer(FLAGS.workdir, model, strategy, FLAGS.keep_checkpoints)
   start = checkpointer.restore_latest() or 0
+  checkpointer.set_aside_skipped()  # newer, unloadable ones: kept aside, out of the rotation
   if start:
     logging.info('Resuming from the checkpoint at step %d.', start)
     print(f'Resuming from step {start}.', flush=True)
+  if chief:  # the run is known to start: only now is its config written
+    training.write_run_config(FLAGS.workdir, config_of_run)
 
   throughput = Throughput(global_batch)
-  callbacks = [training.CheckpointEvery(checkpointer, FLAGS.checkpoint_every_steps), throughput]
+  advice = (f'Lower --learning_rate (now {config.learning_rate:g}) or --clipnorm (now '
+            f'{config.clipnorm:g}) and rerun the same command to resume from the last checkpoint.')
+  callbacks = [training.StopOnDivergence(checkpointer, advice),
+               training.CheckpointEvery(checkpointer, FLAGS.checkpoint_every_steps), throughput]
   if chief:
     log_dir = os.path.join(FLAGS.workdir, 'logs')
     callbacks += [keras.callbacks.TensorBoard(log_dir, update_freq='epoch'),

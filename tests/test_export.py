@@ -134,7 +134,7 @@ def test_launch_export_restores_the_latest_checkpoint(tmp_path):
   model = rn.RealNVP(CONFIG)
   model.compile()
   randomize(model.flow_layers, seed=3, scale=0.1, variance=(0.8, 1.2))
-  training.save_or_check_run_config(workdir, {'model': CONFIG.to_dict(), 'data': {}, 'train': {}})
+  training.write_run_config(workdir, {'model': CONFIG.to_dict(), 'data': {}, 'train': {}})
   training.Checkpointer(workdir, model).save()
   export_dir = str(tmp_path / 'exported')
   result = subprocess.run([sys.executable, '-m', 'launch.export', f'--workdir={workdir}',

@@ -60,18 +60,26 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
   path = checkpointer.save()
   with open(path + '.data-00000-of-00001', 'r+b') as f:
     f.truncate(100)
-  with pytest.raises(training.RunError, match='cannot be restored'):
+  with pytest.raises(training.RunError, match=r'None of the 1 checkpoints .* loads \(ckpt-0 '):
     training.Checkpointer(str(tmp_path), model).restore_latest()
 
 
 def test_run_config_must_match_to_resume(tmp_path):
   run = {'model': CONFIG.to_dict(), 'data': {'dataset': 'npz:a'}, 'train': {'epochs': 1}}
-  training.save_or_check_run_config(str(tmp_path), run)
+  training.check_run_config(str(tmp_path), run)  # nothing there yet
+  training.write_run_config(str(tmp_path), run)
   assert training.read_run_config(str(tmp_path)) == json.loads(json.dumps(run))
-  training.save_or_check_run_config(str(tmp_path), {**run, 'train': {'epochs': 5}})
+  training.check_run_config(str(tmp_path), {**run, 'train': {'epochs': 5}})
   other = {**run, 'model': {**run['model'], 'num_blocks': 3}}
-  with pytest.raises(training.RunError, match=r'different model config \(num_blocks: 1 there, 3 now\)'):
-    training.save_or_check_run_config(str(tmp_path), other)
+  # No checkpoint yet: only the config disagrees, and it may go.
+  with pytest.raises(training.RunError, match=r'different model config \(num_blocks: 1 there, 3 '
+                     r'now\) that left no checkpoint: delete .*config.json'):
+    training.check_run_config(str(tmp_path), other)
+  os.makedirs(tmp_path / 'checkpoints')
+  (tmp_path / 'checkpoints' / 'ckpt-7.index').write_bytes(b'')
+  with pytest.raises(training.RunError, match=r'holds a run with a different model config '
+                     r'\(num_blocks: 1 there, 3 now\)\. Use another --workdir'):
+    training.check_run_config(str(tmp_path), other)
   with open(tmp_path / 'config.json', 'w') as f:
     f.write('{not json')
   with pytest.raises(training.RunError, match='corrupt'):

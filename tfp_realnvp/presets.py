@@ -1,6 +1,7 @@
 """The paper's configurations per dataset, as `RealNVPConfig`s."""
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,21 @@ class RealNVPConfig:
     for field in ('num_scales', 'num_blocks', 'num_filters'):
       if getattr(self, field) < 1:
         raise ValueError(f'RealNVPConfig.{field} must be at least 1, got {getattr(self, field)}.')
+
+    # Each float field's allowed values: (low, high, low included, high included); NaN never.
+    bounds = {'alpha': (0., 0.5, False, False), 'batch_norm_momentum': (0., 1., True, False),
+              'batch_norm_epsilon': (0., math.inf, False, False), 'l2': (0., math.inf, True, False),
+              'learning_rate': (0., math.inf, False, False),
+              'clipnorm': (0., math.inf, False, False)}
+    for field, (low, high, low_ok, high_ok) in bounds.items():
+      value = getattr(self, field)
+      inside = (isinstance(value, (int, float)) and math.isfinite(value)
+                and (low < value or (low_ok and value == low))
+                and (value < high or (high_ok and value == high)))
+      if not inside:
+        raise ValueError(f'RealNVPConfig.{field} must be a finite number in '
+                         f'{"[" if low_ok else "("}{low:g}, {high:g}{"]" if high_ok else ")"}, '
+                         f'got {value!r}.')
 
     if self.compute_dtype not in (None, 'bfloat16', 'float16'):
       raise ValueError(f"RealNVPConfig.compute_dtype must be None, 'bfloat16' or 'float16', got "

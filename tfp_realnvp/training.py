@@ -1,11 +1,16 @@
 """Running a training job: strategies, workdirs, atomic checkpoints that resume, evaluation,
 TensorBoard pictures. The launcher (`launch/`) is a thin layer of flags over this."""
 
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import weakref
 
 import keras
@@ -65,23 +70,83 @@ def write_json_atomic(path, value):
   os.replace(f.name, path)
 
 
-def save_or_check_run_config(workdir, run_config):
-  """Writes `workdir/config.json`, or checks that the one there describes the same run.
-
-  `model` and `data` must match to resume; training lengths (`epochs`) may grow.
-  """
+def check_run_config(workdir, run_config):
+  """Checks that `workdir/config.json`, if there, describes the same run (`model` and `data`
+  must match to resume; training lengths such as `epochs` may grow). Writes nothing."""
   path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    saved = read_run_config(workdir)
-    for section in ('model', 'data'):
-      differences = {k: (saved[section].get(k), v) for k, v in run_config[section].items()
-                     if saved[section].get(k) != v}
-      if differences:
-        detail = ', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differences.items())
-        raise RunError(f'{workdir} holds a run with a different {section} config ({detail}). '
-                       'Use another --workdir, or the same flags to resume that run.')
+  if not os.path.exists(path):
+    return
+  saved = read_run_config(workdir)
+  for section in ('model', 'data'):
+    differences = {k: (saved.get(section, {}).get(k), v) for k, v in run_config[section].items()
+                   if saved.get(section, {}).get(k) != v}
+    if differences:
+      detail = ', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differences.items())
+      if not checkpoint_steps(workdir):
+        raise RunError(f'{path} is from a run with a different {section} config ({detail}) that '
+                       f'left no checkpoint: delete {path} to start this run there, or use '
+                       'another --workdir.')
+      raise RunError(f'{workdir} holds a run with a different {section} config ({detail}). '
+                     'Use another --workdir, or the same flags to resume that run.')
+
+
+def write_run_config(workdir, run_config):
+  """Writes `workdir/config.json` (once the run is known to start: see `check_run_config`)."""
   os.makedirs(workdir, exist_ok=True)
-  write_json_atomic(path, run_config)
+  write_json_atomic(os.path.join(workdir, 'config.json'), run_config)
+
+
+def checkpoint_steps(workdir):
+  """The steps of the checkpoints in `workdir/checkpoints`, newest first."""
+  try:
+    names = os.listdir(os.path.join(workdir, 'checkpoints'))
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  return sorted((int(m.group(1)) for m in map(_CHECKPOINT_INDEX.match, names) if m),
+                reverse=True)
+
+
+_held_locks = []  # open lock files: closing one (or the process ending) releases its lock
+
+
+def lock_workdir(workdir):
+  """Takes `workdir` for this process, or raises `RunError` naming the process that has it.
+
+  The lock is the OS's (`flock` on `workdir/train.lock`), so the OS releases it when the process
+  ends, however it ends: a killed run leaves nothing that blocks the next one."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise RunError(f'--workdir={workdir} is a file, not a folder.')
+  os.makedirs(workdir, exist_ok=True)
+  lock = open(os.path.join(workdir, 'train.lock'), 'a+')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    lock.seek(0)
+    holder = lock.read().strip() or 'another process'
+    lock.close()
+    raise RunError(f'{workdir} is in use by another launch.train ({holder}): wait for it to end, '
+                   'or use another --workdir.') from None
+  lock.seek(0)
+  lock.truncate()
+  lock.write(f'pid {os.getpid()} on {socket.gethostname()}, since '
+             f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+  lock.flush()
+  _held_locks.append(lock)
+  return lock
+
+
+def set_aside_run(workdir):
+  """For `--restart`: moves the run's files (checkpoints, config, metrics, logs, samples) into
+  `workdir/before-restart-TIME/`, kept, not deleted. Returns that folder, or None if empty."""
+  names = [n for n in ('checkpoints', 'config.json', 'metrics.json', 'logs', 'samples.png')
+           if os.path.exists(os.path.join(workdir, n))]
+  if not names:
+    return None
+  target = os.path.join(workdir, f'before-restart-{time.strftime("%Y%m%d-%H%M%S")}')
+  os.makedirs(target)
+  for name in names:
+    os.replace(os.path.join(workdir, name), os.path.join(target, name))
+  return target
 
 
 def read_run_config(workdir):
@@ -100,57 +165,161 @@ def model_from_run_config(run_config):
   return RealNVP(RealNVPConfig(**run_config['model']))
 
 
-class Checkpointer:
-  """Model and optimizer state (step counter included) in `workdir/checkpoints`, keeping the
-  last `keep`. TF writes a checkpoint's files first and then atomically renames the index that
-  names the latest, so a kill at any moment leaves the previous checkpoint loadable. Under
-  MultiWorkerMirroredStrategy every worker saves (the save is collective) but only the chief
-  keeps its files."""
+_CHECKPOINT_INDEX = re.compile(r'^ckpt-(\d+)\.index$')
 
-  def __init__(self, workdir, model, strategy=None, keep=3):
+
+def all_finite(variables):
+  """Whether every float variable holds only finite values."""
+  checks = [tf.reduce_all(tf.math.is_finite(v)) for v in variables
+            if tf.as_dtype(v.dtype).is_floating]
+  return bool(tf.reduce_all(checks)) if checks else True
+
+
+class Checkpointer:
+  """Model and optimizer state (step counter included) in `workdir/checkpoints/ckpt-STEP.*`,
+  keeping the last `keep`.
+
+  Only files in that folder are ever read or deleted: the checkpoints are found by listing it
+  (TF's state file, `checkpoints/checkpoint`, is written for TF's tools but never followed, so a
+  missing, garbled or outside-pointing one changes nothing). Restoring takes the newest
+  checkpoint that loads and holds finite values, and says which newer ones were skipped and why.
+  A model with non-finite values is never saved. TF writes a checkpoint's data before its index,
+  so a kill at any moment leaves the previous checkpoints loadable. Under
+  MultiWorkerMirroredStrategy every worker saves (the save is collective) but only the chief
+  keeps its files.
+  """
+
+  def __init__(self, workdir, model, strategy=None, keep=3, report=None):
     self.directory = os.path.join(workdir, 'checkpoints')
     # Every variable by position (Keras layers in lists are invisible to TF's object graph, which
     # would drop e.g. the residual blocks' batch-norm statistics).
     self.checkpoint = tf.train.Checkpoint(variables=list(model.variables),
                                           optimizer=model.optimizer)
     self.model = model
-    chief = strategy is None or is_chief(strategy)
-    directory = self.directory if chief else tempfile.mkdtemp(prefix='realnvp_worker_ckpt_')
-    self._chief = chief
-    self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
+    self.keep = keep
+    self._chief = strategy is None or is_chief(strategy)
+    self._report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+    self.skipped = []  # (step, reason) of the newer checkpoints the last restore skipped
+    self._last_saved = None
 
   @property
   def step(self):
     return int(self.model.optimizer.iterations.numpy())
 
+  def steps_on_disk(self):
+    """The steps of the checkpoints in the folder (those with an index file), newest first."""
+    return checkpoint_steps(os.path.dirname(self.directory))
+
+  def _prefix(self, step):
+    return os.path.join(self.directory, f'ckpt-{step}')
+
+  def _files(self, step):
+    prefix = f'ckpt-{step}.'
+    return [os.path.join(self.directory, name) for name in os.listdir(self.directory)
+            if name.startswith(prefix)]
+
   def restore_latest(self, required=False, with_optimizer=True):
-    """Restores the latest checkpoint (without the optimizer's state for inference); returns its
-    step, or None when there is none."""
-    latest = tf.train.latest_checkpoint(self.directory)
-    if latest is None:
+    """Restores the newest checkpoint that loads and holds finite values (without the
+    optimizer's state for inference); returns its step, or None when there is no checkpoint.
+
+    Newer checkpoints that do not load are skipped, with the reason, in `self.skipped` and in a
+    line on stderr. When checkpoints exist but none loads, raises `RunError` (nothing is
+    changed)."""
+    steps = self.steps_on_disk()
+    self.skipped = []
+    if not steps:
       if required:
         raise RunError(f'No checkpoint in {self.directory}: train first (launch.train).')
       return None
-    if with_optimizer:  # compile() has built the optimizer's slots
-      checkpoint = self.checkpoint
-    else:
-      checkpoint = tf.train.Checkpoint(variables=list(self.model.variables))
-    try:
-      status = checkpoint.restore(latest)
-      status.assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
-      raise RunError(f'Checkpoint {latest} cannot be restored ({type(e).__name__}: '
-                     f'{str(e).splitlines()[0][:300]}). Delete it to fall back to an earlier one.'
-                     ) from None
-    if not with_optimizer:
-      status.expect_partial()
-    return int(latest.rsplit('-', 1)[1])  # saved under its step
+    variables = self.model.variables + (self.model.optimizer.variables if with_optimizer else [])
+    for step in steps:
+      if with_optimizer:  # compile() has built the optimizer's slots
+        checkpoint = tf.train.Checkpoint(variables=list(self.model.variables),
+                                         optimizer=self.model.optimizer)
+      else:
+        checkpoint = tf.train.Checkpoint(variables=list(self.model.variables))
+      try:
+        status = checkpoint.read(self._prefix(step))  # `write`'s pair: no save counter
+        if not with_optimizer:
+          status.expect_partial()  # the optimizer's values are left in the file
+        status.assert_existing_objects_matched()
+        if not all_finite(variables):
+          raise ValueError('it holds NaN or infinite values')
+      except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        self.skipped.append((step, f'{type(e).__name__}: {reason}'))
+        continue
+      if self.skipped:
+        self._report(f'Restored {self._prefix(step)} (step {step}), the newest checkpoint that '
+                     f'loads; skipped: {self._describe_skipped()}.')
+      return step
+    raise RunError(f'None of the {len(steps)} checkpoints in {self.directory} loads '
+                   f'({self._describe_skipped()}). Nothing was changed; to train from step 0 '
+                   'anyway, rerun launch.train with --restart (the old files are kept aside).')
+
+  def _describe_skipped(self):
+    return '; '.join(f'ckpt-{step} ({reason})' for step, reason in self.skipped)
+
+  def set_aside_skipped(self):
+    """Moves the checkpoints the last restore skipped to `checkpoints/unloadable/` (kept, not
+    deleted), so that training on from an older one does not mix them in or rotate them."""
+    if not self._chief or not self.skipped:
+      return []
+    aside = os.path.join(self.directory, 'unloadable')
+    os.makedirs(aside, exist_ok=True)
+    moved = []
+    for step, _ in self.skipped:
+      for path in self._files(step):
+        target = os.path.join(aside, os.path.basename(path))
+        if os.path.exists(target):
+          target += f'.{int(time.time())}'
+        os.replace(path, target)
+        moved.append(target)
+    self._report(f'Moved the unloadable checkpoints to {aside}: '
+                 f'{", ".join(f"ckpt-{s}" for s, _ in self.skipped)}.')
+    return moved
 
   def save(self):
-    path = self.manager.save(checkpoint_number=self.step)
+    """Writes `ckpt-STEP` (once per step), keeps the newest `keep`; returns its path prefix.
+    Refuses (RunError) a model whose values are not all finite."""
+    step = self.step
+    if step == self._last_saved:
+      return self._prefix(step)
+    if not all_finite(self.model.variables + self.model.optimizer.variables):
+      raise RunError(f'Training diverged: the model holds NaN or infinite values at step {step}; '
+                     f'not checkpointed (the checkpoints in {self.directory} are kept as they '
+                     'were). Lower the learning rate or the clipping norm and resume.')
     if not self._chief:
-      shutil.rmtree(self.manager.directory, ignore_errors=True)
+      directory = tempfile.mkdtemp(prefix='realnvp_worker_ckpt_')
+      try:
+        self.checkpoint.write(os.path.join(directory, f'ckpt-{step}'))
+      finally:
+        shutil.rmtree(directory, ignore_errors=True)
+      self._last_saved = step
+      return None
+    os.makedirs(self.directory, exist_ok=True)
+    path = self.checkpoint.write(self._prefix(step))
+    self._last_saved = step
+    self._rotate()
+    self._write_state()
     return path
+
+  def _rotate(self):
+    for step in self.steps_on_disk()[self.keep:]:
+      for path in self._files(step):
+        os.remove(path)
+
+  def _write_state(self):
+    """TF's state file (relative names), for `tf.train.latest_checkpoint` and TF's tools."""
+    steps = self.steps_on_disk()
+    names = [f'ckpt-{s}' for s in reversed(steps)]
+    lines = [f'model_checkpoint_path: "{names[-1]}"'] + [
+        f'all_model_checkpoint_paths: "{name}"' for name in names]
+    path = os.path.join(self.directory, 'checkpoint')
+    with tempfile.NamedTemporaryFile('w', dir=self.directory, delete=False, suffix='.tmp') as f:
+      f.write('\n'.join(lines) + '\n')
+    os.replace(f.name, path)
+
 
 
 class CheckpointEvery(keras.callbacks.Callback):
@@ -170,6 +339,28 @@ class CheckpointEvery(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self.checkpointer.save()
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+  """Stops training with a `RunError` at the first step whose loss is not finite, before any
+  callback after it in the list (put `CheckpointEvery` after it) can save that step."""
+
+  def __init__(self, checkpointer, advice=''):
+    super().__init__()
+    self.checkpointer, self.advice = checkpointer, advice
+
+  def on_train_begin(self, logs=None):
+    self._step = self.checkpointer.step
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._step += 1
+    loss = (logs or {}).get('loss')
+    if loss is not None and not np.all(np.isfinite(np.asarray(loss, np.float64))):
+      saved = self.checkpointer.steps_on_disk()
+      kept = (f'the last checkpoint, at step {saved[0]}, is finite and kept' if saved else
+              'no checkpoint was written')
+      raise RunError(f'Training diverged: the loss is {float(np.ravel(loss)[0])} at step '
+                     f'{self._step}. Stopped; {kept}. {self.advice}'.strip())
 
 
 class SampleGrid(keras.callbacks.Callback):
@@ -209,6 +400,8 @@ def evaluate_bits_per_dim(model, batches, noise_draws=1, seed=0):
     count += int(images.shape[0])
   if count == 0:
     raise RunError('The evaluation split is empty.')
+  if not math.isfinite(total):
+    raise RunError(f'The test bits/dim is not finite ({total / count}): the model has diverged.')
   return total / count
 
 

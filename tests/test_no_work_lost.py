@@ -1,0 +1,351 @@
+"""Nothing is lost: checkpoint recovery, divergence, a lock per workdir, config written only once a
+run starts, atomic exports, checkpoints only inside the workdir, and scores on the right files.
+
+The library's parts are tested in this process; the launcher's in real processes (kill -9, two
+runs at once), on scikit-learn's real 8x8 digits."""
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import randomize
+import tfp_realnvp as rn
+from tfp_realnvp import training
+from tfp_realnvp.data import read_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = rn.RealNVPConfig((8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
+SMALL = ['--preset=mnist', '--num_scales=2', '--num_blocks=1', '--num_filters=4',
+         '--batch_size=32']
+
+
+def launch(command, *args, timeout=600):
+  return subprocess.run([sys.executable, '-m', f'launch.{command}', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def refused(result, message, returncode=2):
+  assert result.returncode == returncode, result.stderr[-3000:]
+  assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope='module')
+def digits(tmp_path_factory):
+  from sklearn.datasets import load_digits
+  images = np.round(load_digits().images * 255 / 16).astype(np.uint8)[..., None]
+  path = tmp_path_factory.mktemp('data') / 'digits.npz'
+  np.savez(path, x_train=images[:1500], x_test=images[1500:])
+  return f'npz:{path}', images
+
+
+def _model(seed=0):
+  model = rn.RealNVP(CONFIG)
+  model.compile()
+  randomize(model.flow_layers, seed=seed, scale=0.1, variance=(0.8, 1.2))
+  return model
+
+
+def _save_at(checkpointer, step):
+  checkpointer.model.optimizer.iterations.assign(step)
+  return checkpointer.save()
+
+
+def _fingerprint(folder):
+  """Every file under `folder` with a hash of its bytes (but the lock, which names its holder)."""
+  result = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      if name == 'train.lock':
+        continue
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        result[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return result
+
+
+def _corrupt(prefix):
+  with open(prefix + '.data-00000-of-00001', 'r+b') as f:
+    f.truncate(64)
+
+
+def test_restore_takes_the_newest_checkpoint_that_loads_and_says_why(tmp_path):
+  workdir = str(tmp_path)
+  lines = []
+  checkpointer = training.Checkpointer(workdir, _model(), keep=3, report=lines.append)
+  prefixes = {step: _save_at(checkpointer, step) for step in (5, 10, 15)}
+  assert checkpointer.steps_on_disk() == [15, 10, 5]
+  assert tf.train.latest_checkpoint(checkpointer.directory).endswith('ckpt-15')  # TF's tools
+
+  def restored():
+    fresh = training.Checkpointer(workdir, _model(seed=1), report=lines.append)
+    return fresh.restore_latest(required=True, with_optimizer=False), fresh
+
+  _corrupt(prefixes[15])
+  step, fresh = restored()
+  assert step == 10 and [s for s, _ in fresh.skipped] == [15]
+  assert 'Restored' in lines[-1] and 'ckpt-15 (' in lines[-1] and 'step 10' in lines[-1]
+  # The newest deleted (TF's state file still names it): the next one, not "no checkpoint".
+  for name in os.listdir(checkpointer.directory):
+    if name.startswith('ckpt-15.') or name.startswith('ckpt-10.'):
+      os.remove(os.path.join(checkpointer.directory, name))
+  assert restored()[0] == 5
+  # A missing or garbled state file changes nothing.
+  state = os.path.join(checkpointer.directory, 'checkpoint')
+  os.remove(state)
+  assert restored()[0] == 5
+  with open(state, 'w') as f:
+    f.write('model_checkpoint_path: "ckpt-99"\ngarbage {{{')
+  assert restored()[0] == 5
+
+
+def test_checkpoints_outside_the_workdir_are_never_loaded_or_deleted(tmp_path):
+  other = str(tmp_path / 'other_run')
+  other_checkpointer = training.Checkpointer(other, _model(seed=2))
+  _save_at(other_checkpointer, 50)
+  before = _fingerprint(other)
+  workdir = str(tmp_path / 'runs' / 'this')
+  checkpointer = training.Checkpointer(workdir, _model(), keep=1)
+  _save_at(checkpointer, 3)
+  state = os.path.join(checkpointer.directory, 'checkpoint')
+  outside_paths = (os.path.join(other, 'checkpoints', 'ckpt-50'),  # absolute
+                   '../../../other_run/checkpoints/ckpt-50')  # relative, leaving the workdir
+  for own_step, outside in zip((3, 4), outside_paths):
+    with open(state, 'w') as f:
+      f.write(f'model_checkpoint_path: "{outside}"\nall_model_checkpoint_paths: "{outside}"\n')
+    fresh = training.Checkpointer(workdir, _model(seed=1), keep=1)
+    assert fresh.restore_latest() == own_step  # its own, not the other run's step 50
+    _save_at(fresh, own_step + 1)  # the rotation deletes its own older checkpoint only
+  assert checkpointer.steps_on_disk() == [5]
+  assert _fingerprint(other) == before
+
+
+def test_when_no_checkpoint_loads_nothing_changes(tmp_path):
+  workdir = str(tmp_path)
+  checkpointer = training.Checkpointer(workdir, _model())
+  for step in (1, 2):
+    _corrupt(_save_at(checkpointer, step))
+  before = _fingerprint(workdir)
+  with pytest.raises(training.RunError, match=r'None of the 2 checkpoints .* loads \(ckpt-2 .*; '
+                     r'ckpt-1 .*\)\. Nothing was changed; .* --restart'):
+    training.Checkpointer(workdir, _model()).restore_latest()
+  assert _fingerprint(workdir) == before
+
+
+def test_unloadable_checkpoints_are_set_aside_not_rotated_with_good_ones(tmp_path):
+  workdir = str(tmp_path)
+  checkpointer = training.Checkpointer(workdir, _model(), keep=2)
+  for step in (10, 20):
+    _save_at(checkpointer, step)
+  _corrupt(os.path.join(checkpointer.directory, 'ckpt-20'))
+  resumed = training.Checkpointer(workdir, _model(), keep=2, report=lambda line: None)
+  assert resumed.restore_latest() == 10
+  resumed.set_aside_skipped()
+  assert sorted(os.listdir(os.path.join(checkpointer.directory, 'unloadable'))) == [
+      'ckpt-20.data-00000-of-00001', 'ckpt-20.index']
+  _save_at(resumed, 11)
+  assert resumed.steps_on_disk() == [11, 10]  # the good ckpt-10 is still there
+
+
+def test_a_model_that_is_not_finite_is_never_saved_or_restored(tmp_path):
+  workdir = str(tmp_path)
+  model = _model()
+  checkpointer = training.Checkpointer(workdir, model)
+  _save_at(checkpointer, 1)
+  before = _fingerprint(workdir)
+  weight = model.trainable_variables[0]
+  weight.assign(tf.fill(weight.shape, np.nan))
+  with pytest.raises(training.RunError, match='NaN or infinite values at step 2; not checkpointed'):
+    _save_at(checkpointer, 2)
+  assert _fingerprint(workdir) == before
+  # A NaN checkpoint written some other way (an older version) is skipped on restore.
+  tf.train.Checkpoint(variables=list(model.variables), optimizer=model.optimizer).write(
+      os.path.join(checkpointer.directory, 'ckpt-2'))
+  fresh = training.Checkpointer(workdir, _model(seed=3), report=lambda line: None)
+  assert fresh.restore_latest() == 1
+  assert 'NaN or infinite' in fresh.skipped[0][1]
+  with pytest.raises(ValueError, match='NaN or infinite values; not exported'):
+    rn.export_saved_model(model, str(tmp_path / 'exported'))
+
+
+def test_export_is_atomic(tmp_path, monkeypatch):
+  path = str(tmp_path / 'exported')
+  first = _model(seed=1)
+  rn.export_saved_model(first, path)
+  images = np.random.default_rng(0).integers(0, 256, [3, 8, 8, 1], dtype=np.uint8)
+  expected = tf.saved_model.load(path).signatures['log_prob'](images=images)['log_prob'].numpy()
+  before = _fingerprint(path)
+  save = tf.saved_model.save
+
+  def full_disk(module, export_dir, signatures=None):
+    save(module, export_dir, signatures=signatures)  # the files are written...
+    with open(os.path.join(export_dir, 'saved_model.pb'), 'r+b') as f:
+      f.truncate(10)  # ...but one is cut short,
+    raise OSError(28, 'No space left on device')  # and the write fails
+  monkeypatch.setattr(tf.saved_model, 'save', full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    rn.export_saved_model(_model(seed=2), path)
+  monkeypatch.undo()
+  assert _fingerprint(path) == before  # the previous export, whole
+  assert sorted(os.listdir(tmp_path)) == ['exported']  # no staging folders left
+  np.testing.assert_allclose(
+      tf.saved_model.load(path).signatures['log_prob'](images=images)['log_prob'], expected)
+  rn.export_saved_model(_model(seed=2), path)  # a successful one replaces it
+  assert _fingerprint(path) != before and sorted(os.listdir(tmp_path)) == ['exported']
+
+
+def test_one_reader_returns_paths_with_their_images(tmp_path):
+  folder = tmp_path / 'folder'
+  (folder / 'sub').mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  pictures = {'a_black.png': np.zeros([8, 8, 3], np.uint8),
+              'c_digit.png': rng.integers(0, 256, [8, 8, 3], dtype=np.uint8),
+              'd_white.png': np.full([8, 8, 3], 255, np.uint8),
+              'sub/e_grey.png': np.full([8, 8, 3], 128, np.uint8)}
+  for name, picture in pictures.items():
+    Image.fromarray(picture).save(folder / name)
+  (folder / 'b_notes.txt').write_text('not an image')
+  paths, images = read_image_folder(str(folder), 8)
+  assert paths == sorted(pictures)
+  for path, image in zip(paths, images):
+    np.testing.assert_array_equal(image, pictures[path])
+
+
+def test_score_puts_each_score_on_its_file(tmp_path):
+  workdir = str(tmp_path / 'run')
+  model = _model()
+  training.write_run_config(workdir, {'model': CONFIG.to_dict(), 'data': {}, 'train': {}})
+  training.Checkpointer(workdir, model).save()
+  folder = tmp_path / 'folder'
+  folder.mkdir()
+  rng = np.random.default_rng(1)
+  pictures = {'a_black.png': np.zeros([8, 8], np.uint8),
+              'c_digit.png': rng.integers(0, 256, [8, 8], dtype=np.uint8),
+              'd_white.png': np.full([8, 8], 255, np.uint8)}
+  for name, picture in pictures.items():
+    Image.fromarray(picture).save(folder / name)
+  (folder / 'b_notes.txt').write_text('not an image')
+  ok(launch('score', f'--workdir={workdir}', f'--images={folder}', f'--out={tmp_path}/s.csv',
+            '--noise_draws=1'))
+  with open(tmp_path / 's.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [row['image'] for row in rows] == sorted(pictures)
+  batch = np.stack([pictures[name] for name in sorted(pictures)])[..., None]
+  expected = model.bits_per_dim(batch, seed=1).numpy()  # score's seed for its first batch
+  for row, bits in zip(rows, expected):
+    assert float(row['bits_per_dim']) == pytest.approx(float(bits), rel=1e-4), row['image']
+  assert len(set(np.round(expected, 3))) == 3  # three different scores, each on its file
+
+
+def _train_args(workdir, dataset, *extra):
+  return [f'--workdir={workdir}', f'--dataset={dataset}', *SMALL, *extra]
+
+
+def test_recovery_end_to_end_never_restarts_silently(digits, tmp_path):
+  workdir = str(tmp_path / 'run')
+  args = _train_args(workdir, digits[0], '--epochs=2', '--steps_per_epoch=10',
+                     '--checkpoint_every_steps=5', '--keep_checkpoints=3')
+  # A run that fails on its flags writes no config.json to block the corrected retry.
+  refused(launch('train', *args, '--num_scales=5'), 'cannot be squeezed')
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
+  ok(launch('train', *args))
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  assert training.checkpoint_steps(workdir) == [20, 15, 10]
+  _corrupt(os.path.join(checkpoints, 'ckpt-20'))
+  os.remove(os.path.join(checkpoints, 'checkpoint'))  # and TF's state file is gone
+  result = ok(launch('evaluate', f'--workdir={workdir}'))
+  assert json.loads(result.stdout.strip().splitlines()[-1])['step'] == 15
+  assert 'skipped: ckpt-20 (' in result.stderr
+  result = ok(launch('train', *args))  # resumes from 15, not 0; ckpt-20 is set aside
+  assert 'Resuming from step 15.' in result.stdout and 'ckpt-20 (' in result.stderr
+  assert training.checkpoint_steps(workdir) == [20, 15, 10]
+  assert os.path.exists(os.path.join(checkpoints, 'unloadable', 'ckpt-20.index'))
+  # None loads: refused, nothing touched; --restart keeps the old files aside.
+  for step in training.checkpoint_steps(workdir):
+    _corrupt(os.path.join(checkpoints, f'ckpt-{step}'))
+  before = _fingerprint(workdir)
+  refused(launch('train', *args), 'None of the 3 checkpoints')
+  assert _fingerprint(workdir) == before
+  result = ok(launch('train', *args, '--restart'))
+  assert 'Resuming' not in result.stdout and 'before-restart-' in result.stdout
+  aside, = [n for n in os.listdir(workdir) if n.startswith('before-restart-')]
+  kept = _fingerprint(os.path.join(workdir, aside))
+  assert all(kept[k] == v for k, v in before.items() if k.startswith('checkpoints/'))
+  assert training.checkpoint_steps(workdir) == [20, 15, 10]  # the new run's
+
+
+def test_nan_flags_are_refused():
+  from absl import flags
+  from launch import flags as launch_flags  # noqa: F401 (defines the flags)
+  for flag in ('learning_rate', 'clipnorm', 'l2', 'temperature'):
+    for value in ('nan', 'inf'):
+      with pytest.raises(flags.IllegalFlagValueError, match=f'--{flag} must be a finite number'):
+        flags.FLAGS([sys.argv[0], f'--{flag}={value}'])
+
+
+def test_divergence_stops_the_run_and_keeps_every_finite_checkpoint(digits, tmp_path):
+  workdir = str(tmp_path / 'run')
+  result = refused(launch('train', *_train_args(workdir, digits[0], '--learning_rate=1e4',
+                                                '--epochs=1', '--steps_per_epoch=40',
+                                                '--checkpoint_every_steps=1')),
+                   'Training diverged')
+  print(result.stderr.strip().splitlines()[-1])
+  steps = training.checkpoint_steps(workdir)
+  diverged_at = int(result.stderr.split(' at step ')[1].split('.')[0])
+  assert steps and steps[0] < diverged_at
+  for step in steps:  # every checkpoint left is finite
+    model = rn.RealNVP(rn.RealNVPConfig(**training.read_run_config(workdir)['model']))
+    tf.train.Checkpoint(variables=list(model.variables)).read(
+        os.path.join(workdir, 'checkpoints', f'ckpt-{step}')).expect_partial()
+    assert training.all_finite(model.variables), step
+  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
+  # Evaluating what is left gives a finite number or says why not: never NaN with exit 0.
+  result = launch('evaluate', f'--workdir={workdir}')
+  if result.returncode == 0:
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert np.isfinite(figures['test_bits_per_dim']) and figures['step'] == steps[0]
+  else:
+    refused(result, 'The test bits/dim is not finite')
+
+
+def test_one_run_per_workdir_and_a_killed_runs_lock_does_not_block(digits, tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = subprocess.Popen(
+      [sys.executable, '-m', 'launch.train',
+       *_train_args(workdir, digits[0], '--epochs=50', '--steps_per_epoch=20',
+                    '--checkpoint_every_steps=10')],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while not training.checkpoint_steps(workdir):
+      assert first.poll() is None and time.time() < deadline
+      time.sleep(0.2)
+    start = time.time()
+    second = refused(launch('train', *_train_args(workdir, digits[0], '--seed=1')),
+                     f'is in use by another launch.train (pid {first.pid} on ')
+    assert time.time() - start < 60 and second.returncode == 2
+    with open(os.path.join(workdir, 'config.json')) as f:
+      assert json.load(f)['train']['seed'] == 0  # the second run wrote nothing
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  killed_at = training.checkpoint_steps(workdir)[0]
+  # The killed run's lock does not block the next run, which resumes (to its epoch's end).
+  result = ok(launch('train', *_train_args(workdir, digits[0], f'--epochs={killed_at // 20 + 1}',
+                                           '--steps_per_epoch=20', '--checkpoint_every_steps=10')))
+  assert f'Resuming from step {killed_at}.' in result.stdout
