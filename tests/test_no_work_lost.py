@@ -187,8 +187,6 @@ def test_export_is_atomic(tmp_path, monkeypatch):
   path = str(tmp_path / 'exported')
   first = _model(seed=1)
   rn.export_saved_model(first, path)
-  images = np.random.default_rng(0).integers(0, 256, [3, 8, 8, 1], dtype=np.uint8)
-  expected = tf.saved_model.load(path).signatures['log_prob'](images=images)['log_prob'].numpy()
   before = _fingerprint(path)
   save = tf.saved_model.save
 
@@ -201,10 +199,8 @@ def test_export_is_atomic(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='No space left'):
     rn.export_saved_model(_model(seed=2), path)
   monkeypatch.undo()
-  assert _fingerprint(path) == before  # the previous export, whole
+  assert _fingerprint(path) == before  # the previous export, whole, byte for byte
   assert sorted(os.listdir(tmp_path)) == ['exported']  # no staging folders left
-  np.testing.assert_allclose(
-      tf.saved_model.load(path).signatures['log_prob'](images=images)['log_prob'], expected)
   rn.export_saved_model(_model(seed=2), path)  # a successful one replaces it
   assert _fingerprint(path) != before and sorted(os.listdir(tmp_path)) == ['exported']
 
@@ -319,8 +315,11 @@ def test_divergence_stops_the_run_and_keeps_every_finite_checkpoint(digits, tmp_
   if result.returncode == 0:
     figures = json.loads(result.stdout.splitlines()[-1])
     assert np.isfinite(figures['test_bits_per_dim']) and figures['step'] == steps[0]
-  else:
+  else:  # (what happens here): then samples and scores are refused too, not written black
     refused(result, 'The test bits/dim is not finite')
+    refused(launch('sample', f'--workdir={workdir}', f'--out={tmp_path}/grid.png'),
+            'The samples hold NaN or infinite values')
+    assert not os.path.exists(tmp_path / 'grid.png')
 
 
 def test_one_run_per_workdir_and_a_killed_runs_lock_does_not_block(digits, tmp_path):
