@@ -25,7 +25,7 @@ from tfp_realnvp.model import RealNVP, to_uint8
 FLAGS = launch_flags.FLAGS
 flags.DEFINE_bool('restart', False, 'Start from step 0 even if the workdir holds checkpoints '
                   '(they, the config, metrics and logs are moved to WORKDIR/before-restart-TIME/, '
-                  'not deleted).')
+                  'not deleted). For one run: a command rerun to resume must not carry it.')
 
 
 class Throughput(keras.callbacks.Callback):
@@ -71,6 +71,10 @@ def main(argv):
   global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
   steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
   chief = training.is_chief(strategy)
+  if FLAGS.restart and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    raise training.RunError('--restart is not for multi-worker runs (workers would read the '
+                            'workdir while the chief moves files): restart once with one worker, '
+                            'or move WORKDIR/checkpoints aside by hand.')
   if chief:
     training.lock_workdir(FLAGS.workdir)
     if FLAGS.restart:
@@ -88,6 +92,7 @@ def main(argv):
     checkpointer = training.Checkpointer(FLAGS.workdir, model, strategy, FLAGS.keep_checkpoints)
   start = checkpointer.restore_latest() or 0
   checkpointer.set_aside_skipped()  # newer, unloadable ones: kept aside, out of the rotation
+  model.optimizer.learning_rate = config.learning_rate  # this run's, not the checkpoint's
   if start:
     logging.info('Resuming from the checkpoint at step %d.', start)
     print(f'Resuming from step {start}.', flush=True)

@@ -11,6 +11,9 @@ import tensorflow as tf
 from tfp_realnvp.model import to_uint8
 
 MAX_SAMPLES = 4096
+# What `tf.saved_model.save` writes: a folder holding only these may be replaced by an export.
+SAVED_MODEL_ENTRIES = {'saved_model.pb', 'saved_model.pbtxt', 'variables', 'assets',
+                       'fingerprint.pb', 'keras_metadata.pb'}
 
 
 class ServingModule(tf.Module):
@@ -91,9 +94,16 @@ def export_saved_model(model, path):
   path = os.path.abspath(path)
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'export_saved_model: {path} is a file; give a folder for the SavedModel.')
+  if os.path.isdir(path) and not set(os.listdir(path)) <= SAVED_MODEL_ENTRIES:
+    raise ValueError(f'export_saved_model: {path} holds files that are not a SavedModel\'s '
+                     f'({", ".join(sorted(set(os.listdir(path)) - SAVED_MODEL_ENTRIES)[:5])}); '
+                     'give a new or empty folder, or a previous export to replace.')
   parent, name = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f'.{name}.writing-', dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
   previous = None
   try:
     module = ServingModule(model)
@@ -102,12 +112,15 @@ def export_saved_model(model, path):
       previous = tempfile.mkdtemp(prefix=f'.{name}.previous-', dir=parent)
       os.replace(path, os.path.join(previous, name))
     os.replace(staging, path)
-  except BaseException:
+  except BaseException as e:
     if previous and not os.path.exists(path):  # put the previous export back
       os.replace(os.path.join(previous, name), path)
     shutil.rmtree(staging, ignore_errors=True)
     if previous:
       shutil.rmtree(previous, ignore_errors=True)
+    if isinstance(e, OSError):  # e.g. a full disk: one line, the previous export kept
+      raise ValueError(f'export_saved_model: writing {path} failed ({e}); anything that was '
+                       'there is kept.') from e
     raise
   if previous:
     shutil.rmtree(previous, ignore_errors=True)

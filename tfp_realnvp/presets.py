@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +52,10 @@ class RealNVPConfig:
     bounds = {'alpha': (0., 0.5, False, False), 'batch_norm_momentum': (0., 1., True, False),
               'batch_norm_epsilon': (0., math.inf, False, False), 'l2': (0., math.inf, True, False),
               'learning_rate': (0., math.inf, False, False),
-              'clipnorm': (0., math.inf, False, False)}
+              'clipnorm': (0., math.inf, True, False)}  # clipnorm 0: no clipping
     for field, (low, high, low_ok, high_ok) in bounds.items():
       value = getattr(self, field)
-      inside = (isinstance(value, (int, float)) and math.isfinite(value)
+      inside = (isinstance(value, numbers.Real) and math.isfinite(value)
                 and (low < value or (low_ok and value == low))
                 and (value < high or (high_ok and value == high)))
       if not inside:

@@ -70,16 +70,23 @@ def write_json_atomic(path, value):
   os.replace(f.name, path)
 
 
+# Model-config fields a resumed run may change: the optimizer's, not what the checkpoint means
+# (lowering the learning rate is how a diverged run goes on).
+RESUMABLE_WITH_NEW = ('learning_rate', 'clipnorm')
+
+
 def check_run_config(workdir, run_config):
   """Checks that `workdir/config.json`, if there, describes the same run (`model` and `data`
-  must match to resume; training lengths such as `epochs` may grow). Writes nothing."""
+  must match to resume, but for `RESUMABLE_WITH_NEW`; training lengths such as `epochs` may
+  grow). Writes nothing."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
   saved = read_run_config(workdir)
   for section in ('model', 'data'):
     differences = {k: (saved.get(section, {}).get(k), v) for k, v in run_config[section].items()
-                   if saved.get(section, {}).get(k) != v}
+                   if saved.get(section, {}).get(k) != v
+                   and not (section == 'model' and k in RESUMABLE_WITH_NEW)}
     if differences:
       detail = ', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differences.items())
       if not checkpoint_steps(workdir):
@@ -120,7 +127,7 @@ def lock_workdir(workdir):
   lock = open(os.path.join(workdir, 'train.lock'), 'a+')  # pylint: disable=consider-using-with
   try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
+  except BlockingIOError:  # EWOULDBLOCK: another process holds it (other OSErrors propagate)
     lock.seek(0)
     holder = lock.read().strip() or 'another process'
     lock.close()
@@ -142,7 +149,11 @@ def set_aside_run(workdir):
            if os.path.exists(os.path.join(workdir, n))]
   if not names:
     return None
-  target = os.path.join(workdir, f'before-restart-{time.strftime("%Y%m%d-%H%M%S")}')
+  base = os.path.join(workdir, f'before-restart-{time.strftime("%Y%m%d-%H%M%S")}')
+  target, count = base, 1
+  while os.path.exists(target):  # two restarts within a second
+    count += 1
+    target = f'{base}.{count}'
   os.makedirs(target)
   for name in names:
     os.replace(os.path.join(workdir, name), os.path.join(target, name))
@@ -231,7 +242,7 @@ class Checkpointer:
       if required:
         raise RunError(f'No checkpoint in {self.directory}: train first (launch.train).')
       return None
-    variables = self.model.variables + (self.model.optimizer.variables if with_optimizer else [])
+    variables = self.model.weights + (self.model.optimizer.variables if with_optimizer else [])
     for step in steps:
       if with_optimizer:  # compile() has built the optimizer's slots
         checkpoint = tf.train.Checkpoint(variables=list(self.model.variables),
@@ -245,10 +256,14 @@ class Checkpointer:
         status.assert_existing_objects_matched()
         if not all_finite(variables):
           raise ValueError('it holds NaN or infinite values')
-      except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
+      except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError,
+              tf.errors.OutOfRangeError, AssertionError, ValueError, IndexError, KeyError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         self.skipped.append((step, f'{type(e).__name__}: {reason}'))
         continue
+      except tf.errors.OpError as e:  # e.g. permissions: the file may be fine, so stop here
+        raise RunError(f'Cannot read {self._prefix(step)} ({type(e).__name__}: '
+                       f'{str(e).strip().splitlines()[0][:200]}). Nothing was changed.') from None
       if self.skipped:
         self._report(f'Restored {self._prefix(step)} (step {step}), the newest checkpoint that '
                      f'loads; skipped: {self._describe_skipped()}.')
@@ -263,21 +278,28 @@ class Checkpointer:
   def set_aside_skipped(self):
     """Moves the checkpoints the last restore skipped to `checkpoints/unloadable/` (kept, not
     deleted), so that training on from an older one does not mix them in or rotate them."""
-    if not self._chief or not self.skipped:
-      return []
-    aside = os.path.join(self.directory, 'unloadable')
+    steps = [step for step, _ in self.skipped]
+    if self._chief and steps:
+      aside = self.set_aside(steps, 'unloadable')
+      self._report(f'Moved the unloadable checkpoints to {aside}: '
+                   f'{", ".join(f"ckpt-{s}" for s in steps)}.')
+
+  def set_aside(self, steps, folder):
+    """Moves the checkpoints at `steps` into `checkpoints/FOLDER/` (kept, out of the rotation
+    and of restores); returns that folder. Only the chief moves files."""
+    aside = os.path.join(self.directory, folder)
+    if not self._chief:
+      return aside
     os.makedirs(aside, exist_ok=True)
-    moved = []
-    for step, _ in self.skipped:
+    for step in steps:
       for path in self._files(step):
         target = os.path.join(aside, os.path.basename(path))
         if os.path.exists(target):
-          target += f'.{int(time.time())}'
+          target += f'.{time.strftime("%Y%m%d-%H%M%S")}'
         os.replace(path, target)
-        moved.append(target)
-    self._report(f'Moved the unloadable checkpoints to {aside}: '
-                 f'{", ".join(f"ckpt-{s}" for s, _ in self.skipped)}.')
-    return moved
+    if self.steps_on_disk():
+      self._write_state()
+    return aside
 
   def save(self):
     """Writes `ckpt-STEP` (once per step), keeps the newest `keep`; returns its path prefix.
@@ -285,7 +307,7 @@ class Checkpointer:
     step = self.step
     if step == self._last_saved:
       return self._prefix(step)
-    if not all_finite(self.model.variables + self.model.optimizer.variables):
+    if not all_finite(self.model.weights + self.model.optimizer.variables):
       raise RunError(f'Training diverged: the model holds NaN or infinite values at step {step}; '
                      f'not checkpointed (the checkpoints in {self.directory} are kept as they '
                      'were). Lower the learning rate or the clipping norm and resume.')
@@ -298,7 +320,11 @@ class Checkpointer:
       self._last_saved = step
       return None
     os.makedirs(self.directory, exist_ok=True)
-    path = self.checkpoint.write(self._prefix(step))
+    try:
+      path = self.checkpoint.write(self._prefix(step))
+    except (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as e:
+      raise RunError(f'Cannot write the checkpoint {self._prefix(step)} ({e}); the earlier ones '
+                     'are kept.') from e
     self._last_saved = step
     self._rotate()
     self._write_state()
@@ -312,10 +338,14 @@ class Checkpointer:
   def _write_state(self):
     """TF's state file (relative names), for `tf.train.latest_checkpoint` and TF's tools."""
     steps = self.steps_on_disk()
+    path = os.path.join(self.directory, 'checkpoint')
+    if not steps:
+      if os.path.exists(path):
+        os.remove(path)
+      return
     names = [f'ckpt-{s}' for s in reversed(steps)]
     lines = [f'model_checkpoint_path: "{names[-1]}"'] + [
         f'all_model_checkpoint_paths: "{name}"' for name in names]
-    path = os.path.join(self.directory, 'checkpoint')
     with tempfile.NamedTemporaryFile('w', dir=self.directory, delete=False, suffix='.tmp') as f:
       f.write('\n'.join(lines) + '\n')
     os.replace(f.name, path)
@@ -356,11 +386,18 @@ class StopOnDivergence(keras.callbacks.Callback):
     self._step += 1
     loss = (logs or {}).get('loss')
     if loss is not None and not np.all(np.isfinite(np.asarray(loss, np.float64))):
+      # The loss of step d is that of the weights after step d - 1: those are diverged too.
+      bad = [s for s in self.checkpointer.steps_on_disk() if s >= self._step - 1]
+      moved = ''
+      if bad:
+        aside = self.checkpointer.set_aside(bad, 'diverged')
+        moved = (f'the checkpoints of the weights that gave it '
+                 f'({", ".join(f"ckpt-{s}" for s in bad)}) are moved to {aside}; ')
       saved = self.checkpointer.steps_on_disk()
-      kept = (f'the last checkpoint, at step {saved[0]}, is finite and kept' if saved else
-              'no checkpoint was written')
+      kept = (f'the newest checkpoint left is at step {saved[0]}' if saved else
+              'no checkpoint is left to resume from')
       raise RunError(f'Training diverged: the loss is {float(np.ravel(loss)[0])} at step '
-                     f'{self._step}. Stopped; {kept}. {self.advice}'.strip())
+                     f'{self._step}. Stopped; {moved}{kept}. {self.advice}'.strip())
 
 
 class SampleGrid(keras.callbacks.Callback):
