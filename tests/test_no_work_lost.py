@@ -19,6 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import randomize
+from test_launch import digits, launch, ok  # noqa: F401 (the launcher helpers, the digits fixture)
 import tfp_realnvp as rn
 from tfp_realnvp import training
 from tfp_realnvp.data import read_image_folder
@@ -29,29 +30,10 @@ SMALL = ['--preset=mnist', '--num_scales=2', '--num_blocks=1', '--num_filters=4'
          '--batch_size=32']
 
 
-def launch(command, *args, timeout=600):
-  return subprocess.run([sys.executable, '-m', f'launch.{command}', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result):
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
-
-
 def refused(result, message, returncode=2):
   assert result.returncode == returncode, result.stderr[-3000:]
   assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
   return result
-
-
-@pytest.fixture(scope='module')
-def digits(tmp_path_factory):
-  from sklearn.datasets import load_digits
-  images = np.round(load_digits().images * 255 / 16).astype(np.uint8)[..., None]
-  path = tmp_path_factory.mktemp('data') / 'digits.npz'
-  np.savez(path, x_train=images[:1500], x_test=images[1500:])
-  return f'npz:{path}', images
 
 
 def _model(seed=0):
