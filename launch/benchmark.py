@@ -13,30 +13,33 @@ networks. Then a quality-per-budget run: test bits/dim on real MNIST
 import os
 import platform
 
-from absl import app, flags
 import numpy as np
 import tensorflow as tf
 
+from launch import common
 from launch import flags as launch_flags
-from launch.common import fail_clearly
 from tfp_realnvp import benchmark, presets
 from tfp_realnvp.data import load
 from tfp_realnvp.training import write_json_atomic
 
 FLAGS = launch_flags.FLAGS
+launch_flags.define_model(preset=False)
+launch_flags.define('integer', 'batch_size', 64, 'Images per step.', lower_bound=1)
+launch_flags.define('bool', 'jit_compile', False, 'Compile the flow with XLA.')
 
-flags.DEFINE_list('presets', ['cifar10', 'mnist'], 'Presets to measure (with the model flags '
-                  'as overrides).')
-flags.DEFINE_integer('steps', 5, 'Timed calls per figure (after one warm-up call); figures are '
-                     'their median.', lower_bound=1)
-flags.DEFINE_integer('intra_op_threads', 0, 'Threads inside one op (0: TF chooses).',
-                     lower_bound=0)
-flags.DEFINE_integer('inter_op_threads', 0, 'Ops run at once (0: TF chooses).', lower_bound=0)
-flags.DEFINE_integer('quality_budget', 120, 'Seconds of training for the quality-per-budget run '
-                     '(0: skip it).', lower_bound=0)
-flags.DEFINE_integer('quality_every', 30, 'Evaluate the quality run every this many seconds.',
-                     lower_bound=1)
-flags.DEFINE_string('output', 'benchmark.json', 'Where the JSON report goes.')
+launch_flags.define('list', 'presets', ['cifar10', 'mnist'], 'Presets to measure (with the model '
+                    'flags as overrides).')
+launch_flags.define('integer', 'steps', 5, 'Timed calls per figure (after one warm-up call); '
+                    'figures are their median.', lower_bound=1)
+launch_flags.define('integer', 'intra_op_threads', 0, 'Threads inside one op (0: TF chooses).',
+                    lower_bound=0)
+launch_flags.define('integer', 'inter_op_threads', 0, 'Ops run at once (0: TF chooses).',
+                    lower_bound=0)
+launch_flags.define('integer', 'quality_budget', 120, 'Seconds of training for the '
+                    'quality-per-budget run (0: skip it).', lower_bound=0)
+launch_flags.define('integer', 'quality_every', 30, 'Evaluate the quality run every this many '
+                    'seconds.', lower_bound=1)
+launch_flags.define('string', 'output', 'benchmark.json', 'Where the JSON report goes.')
 
 # The PyTorch port of the paper's code on this CPU (issue 5): cifar10 configuration, batch 64.
 PYTORCH_PORT_TRAIN_IMAGES_PER_SECOND = 1.92
@@ -69,9 +72,9 @@ def table(results):
   return '\n'.join(lines)
 
 
-@fail_clearly
 def main(argv):
   del argv
+  common.check_output_file(FLAGS.output, 'output')  # before minutes of measuring
   if FLAGS.intra_op_threads:
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
   if FLAGS.inter_op_threads:
@@ -124,4 +127,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

@@ -4,32 +4,37 @@
 
 Dequantization noise as in the paper (U[0, 1) per pixel), `--noise_draws` draws per image
 (seeded: the same number as launch.train's metrics.json for the same draws and batch size).
+Prints progress, then one JSON line: test bits/dim, step, noise draws, dataset.
 """
 
 import json
 
-from absl import app, flags
-
+from launch import common
 from launch import flags as launch_flags
-from launch.common import fail_clearly, run_data
 from tfp_realnvp import training
 from tfp_realnvp.data import evaluation_batches
 
 FLAGS = launch_flags.FLAGS
+launch_flags.define_workdir()
+launch_flags.define_data_dir()
+launch_flags.define_noise_draws()
 
 
-@fail_clearly
 def main(argv):
   del argv
   model, run_config, step = training.restore_model(FLAGS.workdir)
-  data = run_data(run_config)
+  data = common.run_data(run_config)
   train_config = run_config['train']
   batch = train_config['batch_size'] * train_config['replicas']
-  bits = training.evaluate_bits_per_dim(model, evaluation_batches(data, batch), FLAGS.noise_draws)
+  common.say(f'launch.evaluate: {model.name} ({model.count_params():,} parameters) at step '
+             f'{step} of {FLAGS.workdir}; {data.name}, {data.num_test or "?"} test images, '
+             f'{FLAGS.noise_draws} noise draw(s) each')
+  progress = training.Progress('evaluate', data.num_test)
+  bits = training.evaluate_bits_per_dim(model, evaluation_batches(data, batch), FLAGS.noise_draws,
+                                        progress=progress)
   print(json.dumps({'test_bits_per_dim': bits, 'step': step, 'noise_draws': FLAGS.noise_draws,
-                    'dataset': data.name}))
+                    'dataset': data.name}), flush=True)
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('workdir')
-  app.run(main)
+  common.run(main, required=['workdir'])

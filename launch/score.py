@@ -11,18 +11,34 @@ import csv
 import json
 import os
 
-from absl import app, flags
 import numpy as np
 import tensorflow as tf
 
+from launch import common
 from launch import flags as launch_flags
-from launch.common import fail_clearly
 from tfp_realnvp import data as data_lib
 from tfp_realnvp import training
 
 FLAGS = launch_flags.FLAGS
-flags.DEFINE_string('images', None, 'Images to score: .npy, npz:PATH or a folder.')
-flags.DEFINE_string('out', 'scores.csv', 'Output file, .csv or .json.')
+launch_flags.define_workdir()
+launch_flags.define_noise_draws()
+launch_flags.define('string', 'images', None, 'Images to score: .npy, npz:PATH or a folder.')
+launch_flags.define('string', 'out', 'scores.csv', 'Output file, .csv or .json (its folder must '
+                    'exist).')
+
+BATCH = 256
+
+
+def read_npy(path):
+  """A .npy file's array, or a DataError that says what is wrong with it."""
+  try:
+    array = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:  # empty, truncated, pickled objects, not .npy
+    raise data_lib.DataError(f'{path} is not a readable .npy file ({e}).') from None
+  if array.ndim == 0:
+    raise data_lib.DataError(f'{path} holds a single value; expected images [N, H, W, C] or '
+                             '[N, H, W].')
+  return array
 
 
 def read_images(source, image_shape):
@@ -35,7 +51,7 @@ def read_images(source, image_shape):
     if image_shape[-1] == 1:
       images = np.round(images.mean(-1, keepdims=True)).astype(np.uint8)
   elif source.endswith('.npy') and os.path.exists(source):
-    images = np.load(source, allow_pickle=False)
+    images = read_npy(source)
     names = [f'{source}[{i}]' for i in range(len(images))]
   else:
     raise data_lib.DataError(f'--images={source!r}: expected an existing .npy file, npz:PATH or '
@@ -47,17 +63,25 @@ def read_images(source, image_shape):
   return images, names
 
 
-@fail_clearly
 def main(argv):
   del argv
-  model, _, _ = training.restore_model(FLAGS.workdir)
+  if not FLAGS.out.endswith(('.csv', '.json')):
+    raise data_lib.DataError(f'--out={FLAGS.out}: give a .csv or .json file name.')
+  common.check_output_file(FLAGS.out, 'out')
+  model, _, step = training.restore_model(FLAGS.workdir)
   images, names = read_images(FLAGS.images, model.image_shape)
+  common.say(f'launch.score: {model.name} ({model.count_params():,} parameters) at step {step} '
+             f'of {FLAGS.workdir}; {len(images):,} images from {FLAGS.images}, '
+             f'{FLAGS.noise_draws} noise draw(s) each')
   bits = np.zeros(len(images))
-  for start in range(0, len(images), 256):
-    batch = images[start:start + 256]
+  progress = training.Progress('score', len(images))
+  for start in range(0, len(images), BATCH):
+    batch = images[start:start + BATCH]
     draws = [model.bits_per_dim(batch, seed=start * FLAGS.noise_draws + d + 1)
              for d in range(FLAGS.noise_draws)]
     bits[start:start + len(batch)] = tf.reduce_mean(tf.stack(draws), 0).numpy()
+    progress.update(start + len(batch))
+  progress.close()
   if not np.isfinite(bits).all():
     bad = [n for n, b in zip(names, bits) if not np.isfinite(b)]
     raise training.RunError(f'{len(bad)} scores are not finite (e.g. {bad[0]}): the model has '
@@ -71,9 +95,9 @@ def main(argv):
       writer = csv.DictWriter(f, ['image', 'bits_per_dim'])
       writer.writeheader()
       writer.writerows(rows)
-  print(f'scored {len(rows)} images (mean {bits.mean():.4f} bits/dim): {FLAGS.out}')
+  common.say(f'scored {len(rows)} images (mean {bits.mean():.4f} bits/dim)')
+  common.wrote([FLAGS.out])
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['workdir', 'images'])
-  app.run(main)
+  common.run(main, required=['workdir', 'images'])

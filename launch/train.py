@@ -11,21 +11,29 @@ stops the run with an error, and a model that is not finite is never checkpointe
 import os
 import time
 
-from absl import app, flags, logging
 import keras
+import numpy as np
 import tensorflow as tf
 
+from launch import common
 from launch import flags as launch_flags
-from launch.common import fail_clearly
 from tfp_realnvp import training
 from tfp_realnvp.data import evaluation_batches, training_batches
 from tfp_realnvp.images import save_png
 from tfp_realnvp.model import RealNVP, to_uint8
 
 FLAGS = launch_flags.FLAGS
-flags.DEFINE_bool('restart', False, 'Start from step 0 even if the workdir holds checkpoints '
-                  '(they, the config, metrics and logs are moved to WORKDIR/before-restart-TIME/, '
-                  'not deleted). For one run: a command rerun to resume must not carry it.')
+launch_flags.define_workdir('Directory of the run: config.json, checkpoints/, logs/ (TensorBoard), '
+                            'metrics.json, samples.png.')
+launch_flags.define_data()
+launch_flags.define_model()
+launch_flags.define_training()
+launch_flags.define_noise_draws()
+launch_flags.define_sampling()
+launch_flags.define('bool', 'restart', False, 'Start from step 0 even if the workdir holds '
+                    'checkpoints (they, the config, metrics and logs are moved to '
+                    'WORKDIR/before-restart-TIME/, not deleted). For one run: a command rerun to '
+                    'resume must not carry it.')
 
 
 class Throughput(keras.callbacks.Callback):
@@ -60,16 +68,32 @@ def run_config(data, config, strategy):
   }
 
 
-@fail_clearly
+def banner(model, config, data, strategy, global_batch, steps, start):
+  preset = FLAGS.preset or 'from the data'
+  common.say(f'launch.train: {model.name}, {config.num_scales} scales, {config.num_blocks} '
+             f'blocks, {config.num_filters} features (preset {preset}), '
+             f'{model.count_params():,} parameters, images {list(config.image_shape)}')
+  common.say(f'  data: {data.name}, {_count(data.num_train)} train / {_count(data.num_test)} '
+             f'test images{" (streamed from disk)" if data.streamed else ""}')
+  common.say(f'  strategy: {common.strategy_name(strategy)}, {strategy.num_replicas_in_sync} '
+             f'replica(s), global batch {global_batch} ({FLAGS.batch_size} per replica), '
+             f'{steps} steps/epoch, {FLAGS.epochs} epochs'
+             f'{", XLA" if FLAGS.jit_compile else ""}'
+             f'{", " + config.compute_dtype if config.compute_dtype else ""}'
+             f'{", recompute" if config.recompute else ""}')
+  where = f'resuming from step {start}' if start else 'new run'
+  common.say(f'  workdir: {FLAGS.workdir} ({where})')
+
+
+def _count(number):
+  return f'{number:,}' if number is not None else '?'
+
+
 def main(argv):
   del argv
   if FLAGS.cpu_devices:
     training.split_cpu(FLAGS.cpu_devices)
   strategy = training.build_strategy(FLAGS.strategy)
-  data = launch_flags.load_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
-  config = launch_flags.model_config(data)
-  global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
-  steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
   chief = training.is_chief(strategy)
   if FLAGS.restart and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     raise training.RunError('--restart is not for multi-worker runs (workers would read the '
@@ -80,8 +104,11 @@ def main(argv):
     if FLAGS.restart:
       aside = training.set_aside_run(FLAGS.workdir)
       if aside:
-        print(f'--restart: the previous run\'s files are in {aside}; starting from step 0.',
-              flush=True)
+        common.say(f'--restart: the previous run\'s files are in {aside}; starting from step 0.')
+  data = launch_flags.load_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
+  config = launch_flags.model_config(data)
+  global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
+  steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
   config_of_run = run_config(data, config, strategy)
   training.check_run_config(FLAGS.workdir, config_of_run)
 
@@ -94,20 +121,30 @@ def main(argv):
   checkpointer.set_aside_skipped()  # newer, unloadable ones: kept aside, out of the rotation
   model.optimizer.learning_rate = config.learning_rate  # this run's, not the checkpoint's
   if start:
-    logging.info('Resuming from the checkpoint at step %d.', start)
-    print(f'Resuming from step {start}.', flush=True)
+    common.say(f'Resuming from step {start}.')
   if chief:  # the run is known to start: only now is its config written
     training.write_run_config(FLAGS.workdir, config_of_run)
+    banner(model, config, data, strategy, global_batch, steps, start)
 
   throughput = Throughput(global_batch)
   advice = (f'Lower --learning_rate (now {config.learning_rate:g}) or --clipnorm (now '
             f'{config.clipnorm:g}) and rerun the same command to resume from the last checkpoint.')
   callbacks = [training.StopOnDivergence(checkpointer, advice),
                training.CheckpointEvery(checkpointer, FLAGS.checkpoint_every_steps), throughput]
+  log_dir = os.path.join(FLAGS.workdir, 'logs')
+  tensorboard = None
   if chief:
-    log_dir = os.path.join(FLAGS.workdir, 'logs')
-    callbacks += [keras.callbacks.TensorBoard(log_dir, update_freq='epoch'),
-                  training.SampleGrid(log_dir, temperature=FLAGS.temperature)]
+    real = np.stack(list(data.test.take(36).as_numpy_iterator()))
+    tensorboard = training.TensorBoardLogger(log_dir, FLAGS.log_every_steps,
+                                             temperature=FLAGS.temperature, real_images=real,
+                                             global_batch=global_batch)
+    callbacks.append(tensorboard)
+  terminal = training.interactive()
+  if terminal:
+    callbacks.append(training.EpochProgbar(FLAGS.epochs))
+  elif chief:
+    callbacks.append(training.ProgressLines(FLAGS.epochs, steps, global_batch,
+                                            FLAGS.log_every_steps))
   # Keras reduces a first batch across workers, and collective ops take no uint8.
   multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
   integers = tf.int32 if multi_worker else tf.uint8
@@ -116,23 +153,32 @@ def main(argv):
   validation = evaluation_batches(data, global_batch, dtype=integers)
   started = time.time()
   history = training.fit_resumable(model, batches, FLAGS.epochs, steps, start, callbacks,
-                                   validation_data=validation)
+                                   verbose=1 if terminal else 0, validation_data=validation)
   train_seconds = time.time() - started
 
+  progress = training.Progress('test evaluation', data.num_test) if chief else None
   test_bits = training.evaluate_bits_per_dim(model, evaluation_batches(data, global_batch),
-                                             FLAGS.noise_draws)
-  print(f'test bits/dim: {test_bits:.4f} ({data.name}, {FLAGS.noise_draws} noise draw(s) per image)')
+                                             FLAGS.noise_draws, progress=progress)
+  common.say(f'test bits/dim: {test_bits:.4f} ({data.name}, {FLAGS.noise_draws} noise draw(s) '
+             'per image)')
   if chief:
-    training.write_json_atomic(os.path.join(FLAGS.workdir, 'metrics.json'), {
+    tensorboard.write_test(test_bits, checkpointer.step)
+    metrics_path = os.path.join(FLAGS.workdir, 'metrics.json')
+    training.write_json_atomic(metrics_path, {
         'test_bits_per_dim': test_bits, 'noise_draws': FLAGS.noise_draws,
         'steps': checkpointer.step, 'epochs': FLAGS.epochs, 'steps_per_epoch': steps,
         'global_batch_size': global_batch, 'replicas': strategy.num_replicas_in_sync,
         'images_per_second': throughput.images_per_second, 'train_seconds': train_seconds,
         'train_bits_per_dim': (history.get('bits_per_dim') or [None])[-1]})
     samples = to_uint8(model.sample(64, FLAGS.temperature, seed=FLAGS.seed)).numpy()
-    save_png(samples, os.path.join(FLAGS.workdir, 'samples.png'))
+    samples_path = save_png(samples, os.path.join(FLAGS.workdir, 'samples.png'))
+    newest = checkpointer.steps_on_disk()
+    common.wrote([os.path.join(FLAGS.workdir, 'config.json'),
+                  *([os.path.join(checkpointer.directory, f'ckpt-{newest[0]}') +
+                     f' (newest of {len(newest)})'] if newest else []),
+                  metrics_path, samples_path, f'{log_dir}/ (TensorBoard: tensorboard '
+                  f'--logdir={log_dir})'])
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('workdir')
-  app.run(main)
+  common.run(main, required=['workdir'])

@@ -65,8 +65,11 @@ def test_image_folder_source(tmp_path):
   assert loaded.image_shape == (16, 16, 3) and loaded.num_train + loaded.num_test == 3
   with pytest.raises(data.DataError, match='give --image_size'):
     data.load(f'images:{tmp_path}')
-  with pytest.raises(data.DataError, match='no PNG or JPEG'):
+  with pytest.raises(data.DataError, match='no such folder'):
     data.load(f'images:{tmp_path}/nothing', image_size=16)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(data.DataError, match='no PNG or JPEG'):
+    data.load(f'images:{tmp_path}/empty', image_size=16)
 
 
 def test_shipped_digits_are_the_offline_default():

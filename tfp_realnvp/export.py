@@ -11,6 +11,24 @@ import tensorflow as tf
 from tfp_realnvp.model import to_uint8
 
 MAX_SAMPLES = 4096
+
+
+class ExportError(ValueError):
+  """A model or path that cannot be exported as asked, with what to do."""
+
+
+def _checked_batch(x, what, shape, signature):
+  """`x` after checking it is `[N, *shape]` with N >= 1 (an InvalidArgumentError that names the
+  signature and the expected shape otherwise), with that static shape set."""
+  actual, rank = tf.shape(x), len(shape) + 1
+  padded = tf.concat([actual, tf.zeros([rank], tf.int32)], 0)[:rank]  # indexable at any rank
+  good = (tf.equal(tf.size(actual), rank) & tf.reduce_all(tf.equal(padded[1:], shape))
+          & tf.greater(padded[0], 0))
+  check = tf.debugging.Assert(good, [
+      f'{signature}: expected {what} of shape [N, {", ".join(map(str, shape))}] with N >= 1, got '
+      'shape', actual], summarize=8)
+  with tf.control_dependencies([check]):
+    return tf.ensure_shape(tf.identity(x), [None, *shape])
 # What `tf.saved_model.save` writes: a folder holding only these may be replaced by an export.
 SAVED_MODEL_ENTRIES = {'saved_model.pb', 'saved_model.pbtxt', 'variables', 'assets',
                        'fingerprint.pb', 'keras_metadata.pb'}
@@ -26,7 +44,9 @@ class ServingModule(tf.Module):
     `images` uint8; the same seed gives the same images.
   - `encode`: `images` uint8 -> `latent` float32 `[N, H, W, C]` (pixel centres, as `log_prob`).
   - `decode`: `latent` float32 -> `images` uint8.
-  Wrong shapes or dtypes are refused by the signatures; bad values raise InvalidArgumentError.
+  Wrong dtypes are refused by the signatures; a wrong shape or rank, an empty batch, and bad
+  values (temperature not finite and > 0, a latent holding NaN) raise InvalidArgumentError with a
+  message that names the signature, what it expected and what it got.
   """
 
   def __init__(self, model):
@@ -36,11 +56,13 @@ class ServingModule(tf.Module):
     # loading needs nothing beyond TensorFlow, and TF1 loaders (saved_model_cli run) find them.
     self.variables_ = [v.value for v in model.variables]
     num_dims = math.prod(shape)
-    images_spec = tf.TensorSpec([None, *shape], tf.uint8, name='images')
-    latent_spec = tf.TensorSpec([None, *shape], tf.float32, name='latent')
+    # Any rank in the signature: the checks below refuse wrong shapes with a clear message.
+    images_spec = tf.TensorSpec(None, tf.uint8, name='images')
+    latent_spec = tf.TensorSpec(None, tf.float32, name='latent')
 
     @tf.function(input_signature=[images_spec])
     def log_prob(images):
+      images = _checked_batch(images, 'uint8 images', shape, 'log_prob')
       pixels = tf.cast(images, tf.float32) + 0.5
       latent, log_det = model.flow.forward_and_log_det(pixels)
       value = -0.5 * tf.reduce_sum(tf.square(latent) + math.log(2 * math.pi), [1, 2, 3]) + log_det
@@ -48,10 +70,12 @@ class ServingModule(tf.Module):
 
     @tf.function(input_signature=[images_spec])
     def encode(images):
+      images = _checked_batch(images, 'uint8 images', shape, 'encode')
       return {'latent': model.encode(images)}
 
     @tf.function(input_signature=[latent_spec])
     def decode(latent):
+      latent = _checked_batch(latent, 'a float32 latent', shape, 'decode')
       checks = [tf.debugging.assert_all_finite(latent, 'decode: the latent holds NaN or inf')]
       with tf.control_dependencies(checks):
         return {'images': to_uint8(model.decode(latent))}
@@ -64,6 +88,7 @@ class ServingModule(tf.Module):
           tf.debugging.assert_positive(num_samples, 'sample: num_samples must be at least 1'),
           tf.debugging.assert_less_equal(num_samples, MAX_SAMPLES,
                                          f'sample: num_samples must be at most {MAX_SAMPLES}'),
+          tf.debugging.assert_all_finite(temperature, 'sample: temperature must be finite'),
           tf.debugging.assert_positive(temperature, 'sample: temperature must be > 0'),
       ]
       with tf.control_dependencies(checks):
@@ -86,21 +111,24 @@ def export_saved_model(model, path):
   full disk, leaves the previous one as it was). A model holding NaN or infinite values is
   refused."""
   if model.config.dtype != 'float32':
-    raise ValueError(f'export_saved_model: serving signatures are float32; the model is '
+    raise ExportError(f'export_saved_model: serving signatures are float32; the model is '
                      f'{model.config.dtype}.')
   if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.variables):
-    raise ValueError(f'export_saved_model: the model holds NaN or infinite values; not exported '
+    raise ExportError(f'export_saved_model: the model holds NaN or infinite values; not exported '
                      f'(anything at {path} is kept).')
   path = os.path.abspath(path)
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'export_saved_model: {path} is a file; give a folder for the SavedModel.')
+    raise ExportError(f'export_saved_model: {path} is a file; give a folder for the SavedModel.')
   if os.path.isdir(path) and not set(os.listdir(path)) <= SAVED_MODEL_ENTRIES:
-    raise ValueError(f'export_saved_model: {path} holds files that are not a SavedModel\'s '
+    raise ExportError(f'export_saved_model: {path} holds files that are not a SavedModel\'s '
                      f'({", ".join(sorted(set(os.listdir(path)) - SAVED_MODEL_ENTRIES)[:5])}); '
                      'give a new or empty folder, or a previous export to replace.')
   parent, name = os.path.split(path)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{name}.writing-', dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.{name}.writing-', dir=parent)
+  except OSError as e:  # a parent that is a file, a read-only folder
+    raise ExportError(f'export_saved_model: cannot write in {parent} ({e}).') from None
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
@@ -119,7 +147,7 @@ def export_saved_model(model, path):
     if previous:
       shutil.rmtree(previous, ignore_errors=True)
     if isinstance(e, OSError):  # e.g. a full disk: one line, the previous export kept
-      raise ValueError(f'export_saved_model: writing {path} failed ({e}); anything that was '
+      raise ExportError(f'export_saved_model: writing {path} failed ({e}); anything that was '
                        'there is kept.') from e
     raise
   if previous:

@@ -1,6 +1,7 @@
 """`RealNVP`: the Keras model that owns the flow's variables and trains on bits/dim."""
 
 import math
+import numbers
 
 import keras
 import tensorflow as tf
@@ -36,6 +37,21 @@ def _for_keras_reduction(metrics):
   if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
     return {name: tf.reshape(value, [1]) for name, value in metrics.items()}
   return metrics
+
+
+@keras.saving.register_keras_serializable(package='tfp_realnvp')
+class BitsPerDim(keras.metrics.Mean):
+  """Mean bits/dim of the model's outputs (`y_pred`; there are no targets). Lower is better, so
+  Keras callbacks monitoring `bits_per_dim` / `val_bits_per_dim` (`EarlyStopping`,
+  `ModelCheckpoint(save_best_only=True)`, `ReduceLROnPlateau`) work in `mode='auto'`."""
+
+  def __init__(self, name='bits_per_dim', dtype=None):
+    super().__init__(name=name, dtype=dtype)
+    self._direction = 'down'  # what Keras' monitor callbacks read
+
+  def update_state(self, y_true, y_pred, sample_weight=None):
+    del y_true
+    return super().update_state(y_pred, sample_weight)
 
 
 @keras.saving.register_keras_serializable(package='tfp_realnvp')
@@ -83,7 +99,6 @@ class RealNVP(keras.Model):
     self.distribution = FlowDistribution(
         tfd.Sample(tfd.Normal(tf.zeros([], dtype), tf.ones([], dtype)), config.image_shape),
         self.flow, name=self.name)
-    self._bits_per_dim_metric = keras.metrics.Mean(name='bits_per_dim')
     self._num_dims = math.prod(config.image_shape)
     self._flow_forward = self.flow.forward_and_log_det
     self(tf.fill([1, *config.image_shape], tf.constant(128., dtype)))  # creates every variable
@@ -158,7 +173,12 @@ class RealNVP(keras.Model):
     return self.flow.inverse_and_log_det(latent)[0]
 
   def sample(self, num_samples, temperature=1.0, seed=None):
-    """`num_samples` images (float pixels) from latents `z ~ N(0, temperature^2 I)`."""
+    """`num_samples` images (float pixels) from latents `z ~ N(0, temperature^2 I)`;
+    `temperature` a finite number >= 0 (0: the latent's mode, the image of z = 0)."""
+    if isinstance(temperature, numbers.Real) and not (math.isfinite(temperature) and
+                                                      temperature >= 0):
+      raise ValueError(f'{self.name}.sample: temperature must be a finite number >= 0, got '
+                       f'{temperature!r}.')
     shape = [num_samples, *self.image_shape]
     dtype = tf.as_dtype(self.config.dtype)
     if seed is None:
@@ -167,13 +187,17 @@ class RealNVP(keras.Model):
       latent = tf.random.stateless_normal(shape, [seed, 0], dtype=dtype)
     return self.decode(temperature * latent)
 
-  def compile(self, optimizer=None, jit_compile=False, **kwargs):
-    """Keras `compile` with the paper's optimizer by default (Adam, global-norm clipping).
+  def compile(self, optimizer=None, jit_compile=False, metrics=None, **kwargs):
+    """Keras `compile` with the paper's optimizer by default (Adam, global-norm clipping) and
+    the `bits_per_dim` metric (lower is better), before any `metrics` given.
 
     `jit_compile=True` compiles the flow with XLA inside Keras' step (Keras' own
     `jit_compile` fails under MirroredStrategy). With `compute_dtype='float16'` the optimizer is
-    wrapped in a `LossScaleOptimizer`.
+    wrapped in a `LossScaleOptimizer`. The compile arguments are saved with the model
+    (`get_compile_config`): a `.keras` file loads compiled, optimizer state and step included,
+    and trains on where it stopped.
     """
+    given_optimizer = optimizer
     float16 = self.config.compute_dtype == 'float16'
     # The model clips by the global norm of the gradient summed over replicas (an optimizer's
     # global_clipnorm sees each replica's part); under float16 loss scaling the optimizer does.
@@ -185,10 +209,33 @@ class RealNVP(keras.Model):
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     self._flow_forward = (tf.function(self.flow.forward_and_log_det, jit_compile=True)
                           if jit_compile else self.flow.forward_and_log_det)
-    super().compile(optimizer=optimizer, jit_compile=False, **kwargs)
+    metrics = list(metrics or [])
+    super().compile(optimizer=optimizer, jit_compile=False, metrics=[BitsPerDim(), *metrics],
+                    **kwargs)
+    inner = given_optimizer.inner_optimizer if isinstance(
+        given_optimizer, keras.optimizers.LossScaleOptimizer) else given_optimizer
+    self._realnvp_compile_config = {
+        'optimizer': None if inner is None else keras.saving.serialize_keras_object(inner),
+        'jit_compile': bool(jit_compile),
+        'metrics': [keras.saving.serialize_keras_object(m) for m in metrics],
+        **{k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}}
     # Built here, not inside the first traced step: creating variables there makes
     # tf.function trace the whole step twice.
     self.optimizer.build(self.trainable_variables)
+
+  def get_compile_config(self):
+    """What `compile` was given, for `.keras` files (see `compile`)."""
+    return getattr(self, '_realnvp_compile_config', None) if self.compiled else None
+
+  def compile_from_config(self, config):
+    """Compiles as `get_compile_config` recorded (Keras calls this when loading a `.keras`
+    file, then restores the optimizer's variables, step counter included)."""
+    config = dict(config)
+    optimizer = config.pop('optimizer', None)
+    if optimizer is not None:
+      optimizer = keras.saving.deserialize_keras_object(optimizer)
+    metrics = [keras.saving.deserialize_keras_object(m) for m in config.pop('metrics', [])]
+    self.compile(optimizer=optimizer, metrics=metrics, **config)
 
   def train_step(self, data):
     """Keras' step, but with global-norm clipping over the replicas' summed gradient."""
@@ -220,7 +267,6 @@ class RealNVP(keras.Model):
 
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
     """Mean bits/dim of the batch plus the L2 decay, scaled for the replicas' gradient sum."""
-    self._bits_per_dim_metric.update_state(y_pred)
     loss = tf.reduce_mean(y_pred)
     if self.losses:
       loss += tf.add_n(self.losses)
@@ -232,4 +278,4 @@ class RealNVP(keras.Model):
 
   @classmethod
   def from_config(cls, config):
-    return cls(presets.RealNVPConfig(**config['config']), name=config.get('name'))
+    return cls(presets.RealNVPConfig.from_dict(config['config']), name=config.get('name'))

@@ -16,6 +16,7 @@ def _resource(variable):
   return variable.value if isinstance(variable, keras.Variable) else variable
 
 
+@keras.saving.register_keras_serializable(package='tfp_realnvp')
 class Adam(keras.optimizers.Adam):
   """`keras.optimizers.Adam` (same arguments, slots and checkpoints) with fused updates.
 

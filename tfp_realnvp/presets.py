@@ -1,80 +1,150 @@
-"""The paper's configurations per dataset, as `RealNVPConfig`s."""
+"""The paper's configurations per dataset, as `RealNVPConfig`s.
+
+Each field says, in its metadata, what it is (`kind`): part of the model's `architecture` (what a
+checkpoint's shapes and meaning depend on: a run resumes only with the same), or a `run` setting
+(precision, recomputation, checks, optimizer: free to change when a run resumes). Its help text,
+bounds and choices are there too; the launcher derives its flags from them.
+"""
 
 import dataclasses
 import math
 import numbers
 
+ARCHITECTURE, RUN = 'architecture', 'run'
+
+
+class ConfigError(ValueError):
+  """A `RealNVPConfig` value outside what the model accepts, naming the field."""
+
+
+def _field(default, kind, help, *, low=None, high=None, low_ok=True, high_ok=False, choices=None,
+           flag=True):
+  """A config field with what the launcher and the checks need: `kind` (ARCHITECTURE or RUN),
+  `help`, numeric bounds (`low`/`high`, each included or not), `choices`, and the flag's name
+  (`flag=True`: the field's own; a string: another; False: no flag)."""
+  return dataclasses.field(default=default, metadata=dict(
+      kind=kind, help=help, low=low, high=high, low_ok=low_ok, high_ok=high_ok, choices=choices,
+      flag=flag))
+
 
 @dataclasses.dataclass(frozen=True)
 class RealNVPConfig:
-  """Everything that defines a Real NVP model and its default optimizer.
+  """Everything that defines a Real NVP model and how it runs (see each field's `help`).
 
-  Attributes:
-    image_shape: `[H, W, C]` of the images.
-    num_scales: scales of the multi-scale architecture, the final one included.
-    num_blocks: residual blocks per coupling network.
-    num_filters: features of the finest scale's checkerboard networks; they double per scale,
-      and channel couplings use twice those of the checkerboard ones at the same scale.
-    alpha: the logit preprocessing's squashing, `logit(alpha + (1 - 2 alpha) x / 256)`.
-    batch_norm_momentum: running averages `m <- momentum * m + (1 - momentum) * batch`.
-    batch_norm_epsilon: added to the variance in the flow's batch normalization.
-    l2: L2 decay on the weight-norm scales `g` and the coupling's tanh scale.
-    learning_rate, clipnorm: Adam's rate and the global-norm clipping of the official code.
-    dtype: dtype of the flow and its variables.
-    compute_dtype: None, or 'bfloat16' / 'float16' for mixed precision inside the coupling
-      networks only (the flow, log-dets and loss stay in `dtype`).
-    validate_args: check inputs (pixel range, NaN) at run time.
-    recompute: keep no coupling-network activations for the gradient; the backward pass runs
-      each network forward again (about a third more compute, a fraction of the memory).
+  Architecture (a checkpoint's shapes and meaning depend on these): `image_shape`, `num_scales`,
+  `num_blocks`, `num_filters`, `alpha`, `batch_norm_epsilon`, `dtype`.
+  Run settings (may change between runs of the same model): `batch_norm_momentum`, `l2`,
+  `learning_rate`, `clipnorm`, `compute_dtype`, `validate_args`, `recompute`.
   """
-  image_shape: tuple = (32, 32, 3)
-  num_scales: int = 2
-  num_blocks: int = 8
-  num_filters: int = 64
-  alpha: float = 0.05
-  batch_norm_momentum: float = 0.9
-  batch_norm_epsilon: float = 1e-4
-  l2: float = 5e-5
-  learning_rate: float = 1e-3
-  clipnorm: float = 100.
-  dtype: str = 'float32'
-  compute_dtype: str = None
-  validate_args: bool = True
-  recompute: bool = False
+  image_shape: tuple = _field((32, 32, 3), ARCHITECTURE, '[H, W, C] of the images.', flag=False)
+  num_scales: int = _field(2, ARCHITECTURE, 'Scales of the multi-scale architecture, the final '
+                           'one included.', low=1)
+  num_blocks: int = _field(8, ARCHITECTURE, 'Residual blocks per coupling network.', low=1)
+  num_filters: int = _field(64, ARCHITECTURE, 'Features of the finest scale\'s checkerboard '
+                            'networks (doubled per scale, and for channel couplings).', low=1)
+  alpha: float = _field(0.05, ARCHITECTURE, 'Logit preprocessing: logit(alpha + (1 - 2 alpha) '
+                        'x / 256).', low=0., high=0.5, low_ok=False)
+  batch_norm_momentum: float = _field(0.9, RUN, 'Momentum of the batch-norm running averages: '
+                                      'm <- momentum m + (1 - momentum) batch.', low=0., high=1.)
+  batch_norm_epsilon: float = _field(1e-4, ARCHITECTURE, 'Added to the variances in the flow\'s '
+                                     'batch normalization.', low=0., high=math.inf, low_ok=False)
+  l2: float = _field(5e-5, RUN, 'L2 decay on the weight-norm scales and the coupling\'s tanh '
+                     'scale.', low=0., high=math.inf)
+  learning_rate: float = _field(1e-3, RUN, 'Adam\'s learning rate.', low=0., high=math.inf,
+                                low_ok=False)
+  clipnorm: float = _field(100., RUN, 'Global-norm gradient clipping (0: none).', low=0.,
+                           high=math.inf)
+  dtype: str = _field('float32', ARCHITECTURE, 'dtype of the flow and its variables.',
+                      choices=('float32', 'float64'), flag=False)
+  compute_dtype: str = _field(None, RUN, 'Mixed precision inside the coupling networks only '
+                              '(log-dets and the loss stay in dtype): bfloat16 (GPUs, CPUs with '
+                              'AVX512_BF16/AMX) or float16 (GPUs).',
+                              choices=(None, 'bfloat16', 'float16'), flag='mixed_precision')
+  validate_args: bool = _field(True, RUN, 'Check pixel ranges and NaNs at run time.')
+  recompute: bool = _field(False, RUN, 'Keep no coupling-network activations for the gradient: '
+                           'the backward pass runs each network again (about a third more '
+                           'compute, a fraction of the memory).')
 
   def __post_init__(self):
+    if not (isinstance(self.image_shape, (tuple, list)) and len(self.image_shape) == 3):
+      raise ConfigError(f'RealNVPConfig.image_shape must be [H, W, C], got {self.image_shape!r}.')
     object.__setattr__(self, 'image_shape', tuple(int(d) for d in self.image_shape))
-    for field in ('num_scales', 'num_blocks', 'num_filters'):
-      if getattr(self, field) < 1:
-        raise ValueError(f'RealNVPConfig.{field} must be at least 1, got {getattr(self, field)}.')
-
-    # Each float field's allowed values: (low, high, low included, high included); NaN never.
-    bounds = {'alpha': (0., 0.5, False, False), 'batch_norm_momentum': (0., 1., True, False),
-              'batch_norm_epsilon': (0., math.inf, False, False), 'l2': (0., math.inf, True, False),
-              'learning_rate': (0., math.inf, False, False),
-              'clipnorm': (0., math.inf, True, False)}  # clipnorm 0: no clipping
-    for field, (low, high, low_ok, high_ok) in bounds.items():
-      value = getattr(self, field)
-      inside = (isinstance(value, numbers.Real) and math.isfinite(value)
-                and (low < value or (low_ok and value == low))
-                and (value < high or (high_ok and value == high)))
-      if not inside:
-        raise ValueError(f'RealNVPConfig.{field} must be a finite number in '
-                         f'{"[" if low_ok else "("}{low:g}, {high:g}{"]" if high_ok else ")"}, '
-                         f'got {value!r}.')
-
-    if self.compute_dtype not in (None, 'bfloat16', 'float16'):
-      raise ValueError(f"RealNVPConfig.compute_dtype must be None, 'bfloat16' or 'float16', got "
-                       f'{self.compute_dtype!r}.')
+    if min(self.image_shape) < 1:
+      raise ConfigError(f'RealNVPConfig.image_shape must be positive, got {list(self.image_shape)}.')
+    for field in dataclasses.fields(self):
+      if field.name != 'image_shape':
+        check_field(field.name, getattr(self, field.name))
+    height, width, _ = self.image_shape
+    factor = 2 ** (self.num_scales - 1)
+    if height % factor or width % factor:
+      raise ConfigError(f'An image of {height}x{width} cannot be squeezed {self.num_scales - 1} '
+                        f'times (num_scales={self.num_scales}): height and width must be '
+                        f'multiples of {factor}; lower num_scales.')
 
   def replace(self, **overrides):
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+    unknown = set(overrides) - set(FIELDS)
     if unknown:
-      raise ValueError(f'Unknown RealNVPConfig fields: {sorted(unknown)}.')
+      raise ConfigError(f'Unknown RealNVPConfig fields: {sorted(unknown)}; known: '
+                        f'{", ".join(FIELDS)}.')
     return dataclasses.replace(self, **overrides)
 
   def to_dict(self):
     return {**dataclasses.asdict(self), 'image_shape': list(self.image_shape)}
+
+  def architecture(self):
+    """The architecture fields (see the class docstring) as a dict, as in `to_dict`."""
+    return {k: v for k, v in self.to_dict().items() if FIELDS[k].metadata['kind'] == ARCHITECTURE}
+
+  @classmethod
+  def from_dict(cls, values, what='config'):
+    """The config in `values` (as `to_dict` writes it); a `ConfigError` names missing or unknown
+    fields (in `what`)."""
+    if not isinstance(values, dict):
+      raise ConfigError(f'{what}: expected a dict of RealNVPConfig fields, got {values!r}.')
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+      raise ConfigError(f'{what}: unknown RealNVPConfig fields {unknown} (known: '
+                        f'{", ".join(FIELDS)}).')
+    required = [name for name, f in FIELDS.items()
+                if f.metadata['kind'] == ARCHITECTURE and name not in values]
+    if required:
+      raise ConfigError(f'{what}: missing RealNVPConfig fields {required}.')
+    return cls(**values)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RealNVPConfig)}
+
+
+def check_field(name, value):
+  """Raises `ConfigError` unless `value` is allowed for the field `name` (its type, bounds and
+  choices in the field's metadata); NaN and infinities never are."""
+  field = FIELDS[name]
+  meta = field.metadata
+  if meta['choices'] is not None:
+    if value not in meta['choices']:
+      raise ConfigError(f'RealNVPConfig.{name} must be one of '
+                        f'{", ".join(map(repr, meta["choices"]))}, got {value!r}.')
+    return
+  if field.type in (bool, 'bool'):
+    if not isinstance(value, bool):
+      raise ConfigError(f'RealNVPConfig.{name} must be True or False, got {value!r}.')
+    return
+  integer = field.type in (int, 'int')
+  kind = numbers.Integral if integer else numbers.Real
+  if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+    raise ConfigError(f'RealNVPConfig.{name} must be {"an integer" if integer else "a finite number"}'
+                      f', got {value!r}.')
+  low, high = meta['low'], meta['high']
+  if integer:
+    if low is not None and value < low:
+      raise ConfigError(f'RealNVPConfig.{name} must be at least {low}, got {value}.')
+    return
+  inside = ((low is None or low < value or (meta['low_ok'] and value == low)) and
+            (high is None or value < high or (meta['high_ok'] and value == high)))
+  if not inside:
+    raise ConfigError(f'RealNVPConfig.{name} must be a finite number in '
+                      f'{"[" if meta["low_ok"] else "("}{low:g}, {high:g}'
+                      f'{"]" if meta["high_ok"] else ")"}, got {value!r}.')
 
 
 PRESETS = {
@@ -95,5 +165,5 @@ PRESETS = {
 def get(name, **overrides):
   """The preset `name` with `overrides` (e.g. `get('cifar10', num_blocks=4)`)."""
   if name not in PRESETS:
-    raise ValueError(f'Unknown preset {name!r}; known presets: {", ".join(sorted(PRESETS))}.')
+    raise ConfigError(f'Unknown preset {name!r}; known presets: {", ".join(sorted(PRESETS))}.')
   return PRESETS[name].replace(**overrides)

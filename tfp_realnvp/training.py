@@ -63,30 +63,45 @@ def is_chief(strategy):
       'chief' not in resolver.cluster_spec().as_dict())
 
 
+def _strict(value):
+  """`value` with NaN and infinities as None (JSON has no such numbers)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict(v) for v in value]
+  return value
+
+
 def write_json_atomic(path, value):
+  """Writes `value` as strict JSON (NaN and infinities as null) to `path` atomically, with the
+  permissions of a new file under the umask."""
   directory = os.path.dirname(os.path.abspath(path))
   with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
+    json.dump(_strict(value), f, indent=2, sort_keys=True, allow_nan=False)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile's 0600 would hide it from others
   os.replace(f.name, path)
 
 
-# Model-config fields a resumed run may change: the optimizer's, not what the checkpoint means
-# (lowering the learning rate is how a diverged run goes on).
-RESUMABLE_WITH_NEW = ('learning_rate', 'clipnorm')
-
-
 def check_run_config(workdir, run_config):
-  """Checks that `workdir/config.json`, if there, describes the same run (`model` and `data`
-  must match to resume, but for `RESUMABLE_WITH_NEW`; training lengths such as `epochs` may
-  grow). Writes nothing."""
+  """Checks that `workdir/config.json`, if there, describes the same model and data: the
+  model's architecture fields (`RealNVPConfig.architecture()`) and the data must match to
+  resume; run settings (precision, recompute, checks, optimizer) and training lengths may
+  change. Writes nothing."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
   saved = read_run_config(workdir)
+  saved_sections = {'model': RealNVPConfig.from_dict(saved['model'], path).architecture(),
+                    'data': saved['data']}
+  new_sections = {'model': RealNVPConfig.from_dict(run_config['model']).architecture(),
+                  'data': run_config['data']}
   for section in ('model', 'data'):
-    differences = {k: (saved.get(section, {}).get(k), v) for k, v in run_config[section].items()
-                   if saved.get(section, {}).get(k) != v
-                   and not (section == 'model' and k in RESUMABLE_WITH_NEW)}
+    differences = {k: (saved_sections[section].get(k), v) for k, v in new_sections[section].items()
+                   if saved_sections[section].get(k) != v}
     if differences:
       detail = ', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differences.items())
       if not checkpoint_steps(workdir):
@@ -123,8 +138,11 @@ def lock_workdir(workdir):
   ends, however it ends: a killed run leaves nothing that blocks the next one."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise RunError(f'--workdir={workdir} is a file, not a folder.')
-  os.makedirs(workdir, exist_ok=True)
-  lock = open(os.path.join(workdir, 'train.lock'), 'a+')  # pylint: disable=consider-using-with
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(os.path.join(workdir, 'train.lock'), 'a+')  # pylint: disable=consider-using-with
+  except OSError as e:  # read-only, a parent that is a file, ...
+    raise RunError(f'--workdir={workdir} cannot be written ({e.strerror or e}).') from None
   try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:  # EWOULDBLOCK: another process holds it (other OSErrors propagate)
@@ -160,20 +178,49 @@ def set_aside_run(workdir):
   return target
 
 
+RUN_CONFIG_SECTIONS = {'model': dict, 'data': dict, 'train': dict}
+
+
 def read_run_config(workdir):
+  """`workdir/config.json`, checked: its sections and the model's fields (`RunError` or
+  `ConfigError` naming what is missing or unknown)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise RunError(f'--workdir={workdir} is a file, not a run\'s folder.')
   path = os.path.join(workdir, 'config.json')
   try:
     with open(path) as f:
-      return json.load(f)
+      run_config = json.load(f)
   except FileNotFoundError:
     raise RunError(f'{workdir} has no config.json: is it the workdir of a launch.train run?') \
         from None
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RunError(f'{path} is corrupt ({e}).') from None
+  except OSError as e:
+    raise RunError(f'Cannot read {path} ({e}).') from None
+  if not isinstance(run_config, dict):
+    raise RunError(f'{path}: expected a JSON object with sections {sorted(RUN_CONFIG_SECTIONS)}.')
+  missing = sorted(set(RUN_CONFIG_SECTIONS) - set(run_config))
+  unknown = sorted(set(run_config) - set(RUN_CONFIG_SECTIONS))
+  if missing or unknown:
+    raise RunError(f'{path}: ' + '; '.join(
+        ([f'missing sections {missing}'] if missing else []) +
+        ([f'unknown sections {unknown}'] if unknown else [])) +
+        f' (expected {sorted(RUN_CONFIG_SECTIONS)}).')
+  for section in RUN_CONFIG_SECTIONS:
+    if not isinstance(run_config[section], dict):
+      raise RunError(f'{path}: section {section!r} must be a JSON object.')
+  missing = [k for k in DATA_KEYS if k not in run_config['data']]
+  if missing:
+    raise RunError(f'{path}: the data section lacks {missing}.')
+  RealNVPConfig.from_dict(run_config['model'], f'{path}, section model')
+  return run_config
+
+
+DATA_KEYS = ('dataset', 'data_dir', 'image_size')
 
 
 def model_from_run_config(run_config):
-  return RealNVP(RealNVPConfig(**run_config['model']))
+  return RealNVP(RealNVPConfig.from_dict(run_config['model']))
 
 
 _CHECKPOINT_INDEX = re.compile(r'^ckpt-(\d+)\.index$')
@@ -400,24 +447,236 @@ class StopOnDivergence(keras.callbacks.Callback):
                      f'{self._step}. Stopped; {moved}{kept}. {self.advice}'.strip())
 
 
-class SampleGrid(keras.callbacks.Callback):
-  """A grid of samples in TensorBoard after each epoch."""
+def interactive(stream=None):
+  """Whether `stream` (stdout by default) is a terminal: bars redrawn in place only there."""
+  stream = stream or sys.stdout
+  return bool(getattr(stream, 'isatty', lambda: False)())
 
-  def __init__(self, log_dir, num=36, temperature=0.7):
+
+def _duration(seconds):
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+
+class Progress:
+  """Progress of a long loop: on a terminal, one line redrawn in place; otherwise (a log file)
+  a plain line at most every `every_seconds` and at the end, without `\\r` or colour codes.
+
+    progress = Progress('evaluate', total=10000, unit='images')
+    progress.update(640)   # done so far
+    progress.close()
+  """
+
+  def __init__(self, label, total=None, unit='images', stream=None, every_seconds=30.):
+    self.label, self.total, self.unit = label, total, unit
+    self.stream = stream or sys.stdout
+    self.every_seconds = every_seconds
+    self.interactive = interactive(self.stream)
+    self.start = self._last = time.perf_counter()
+    self.done = 0
+
+  def _line(self):
+    elapsed = time.perf_counter() - self.start
+    rate = self.done / elapsed if elapsed > 0 else 0.
+    line = f'{self.label}: {self.done:,}' + (f'/{self.total:,}' if self.total else '')
+    line += f' {self.unit}'
+    if self.total:
+      line += f' ({self.done / self.total:.0%})'
+    line += f', {rate:.1f} {self.unit}/s, {_duration(elapsed)}'
+    if self.total and rate > 0 and self.done < self.total:
+      line += f', about {_duration((self.total - self.done) / rate)} left'
+    return line
+
+  def update(self, done):
+    self.done = done
+    now = time.perf_counter()
+    if self.interactive:
+      self.stream.write('\r' + self._line() + '\x1b[K')
+      self.stream.flush()
+    elif now - self._last >= self.every_seconds:
+      self.stream.write(self._line() + '\n')
+      self.stream.flush()
+    else:
+      return
+    self._last = now
+
+  def close(self):
+    self.stream.write(('\r' + self._line() + '\x1b[K\n') if self.interactive else
+                      self._line() + '\n')
+    self.stream.flush()
+
+
+class EpochProgbar(keras.callbacks.ProgbarLogger):
+  """Keras' progress bar (for terminals), numbering epochs out of the run's total: a resumed
+  run's `fit` calls see only the epochs left."""
+
+  def __init__(self, total_epochs):
     super().__init__()
-    self.writer = tf.summary.create_file_writer(os.path.join(log_dir, 'samples'))
-    self.num, self.temperature = num, temperature
+    self.total_epochs = total_epochs
+
+  def set_params(self, params):
+    super().set_params(params)
+    self.epochs = self.total_epochs
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._reset_progbar()
+    self._maybe_init_progbar()
+    if self.verbose:
+      print(f'Epoch {epoch + 1}/{self.total_epochs}', flush=True)
+
+
+class ProgressLines(keras.callbacks.Callback):
+  """For logs (output that is not a terminal): one plain line every `every_steps` steps and one
+  at each epoch's end, with the metrics (window means), images/s and time left in the run."""
+
+  def __init__(self, total_epochs, steps_per_epoch, global_batch, every_steps=100,
+               stream=None):
+    super().__init__()
+    self.total_epochs, self.steps_per_epoch = total_epochs, steps_per_epoch
+    self.global_batch, self.every_steps = global_batch, every_steps
+    self.stream = stream or sys.stdout
+    self._windows = _WindowMeans()
+
+  def _say(self, line):
+    self.stream.write(line + '\n')
+    self.stream.flush()
+
+  def on_train_begin(self, logs=None):
+    self._step = int(self.model.optimizer.iterations.numpy())
+    self._time, self._time_step = time.perf_counter(), self._step
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+    self._windows.reset()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._step += 1
+    window = self._windows.update(batch, logs)
+    if self._step % self.every_steps == 0:
+      self._say(f'step {self._step:,}/{self.total_epochs * self.steps_per_epoch:,} (epoch '
+                f'{self._epoch + 1}/{self.total_epochs}): {_metric_text(window)}{self._speed()}')
+
+  def _speed(self):
+    now = time.perf_counter()
+    steps, seconds = self._step - self._time_step, now - self._time
+    self._time, self._time_step = now, self._step
+    if not steps or seconds <= 0:
+      return ''
+    left = (self.total_epochs * self.steps_per_epoch - self._step) * seconds / steps
+    return (f', {steps * self.global_batch / seconds:.1f} images/s'
+            + (f', about {_duration(left)} left' if left > 0 else ''))
 
   def on_epoch_end(self, epoch, logs=None):
-    grid = image_grid(to_uint8(self.model.sample(self.num, self.temperature, seed=0)).numpy())
-    with self.writer.as_default():
-      tf.summary.image(f'samples_t{self.temperature}', grid[None], step=epoch + 1)
-    self.writer.flush()
+    self._say(f'epoch {epoch + 1}/{self.total_epochs} done at step {self._step:,}: '
+              f'{_metric_text(logs or {})}')
 
 
-def evaluate_bits_per_dim(model, batches, noise_draws=1, seed=0):
+def _metric_text(logs):
+  return ', '.join(f'{k} {float(np.ravel(v)[0]):.4f}' for k, v in sorted(logs.items())
+                   if np.size(v) and k != 'learning_rate')
+
+
+class _WindowMeans:
+  """Keras reports each metric as its mean since the epoch began: this gives the means over
+  the steps since the last call instead (exact, from the running means and step counts)."""
+
+  def reset(self):
+    self._previous, self._count = {}, 0
+
+  def update(self, batch, logs):
+    count = batch + 1
+    window = {}
+    for key, value in (logs or {}).items():
+      value = float(np.ravel(value)[0]) if np.size(value) else math.nan
+      before = self._previous.get(key, 0.)
+      window[key] = ((value * count - before * self._count) / (count - self._count)
+                     if count > self._count else value)
+      self._previous[key] = value
+    self._count = count
+    return window
+
+
+class TensorBoardLogger(keras.callbacks.Callback):
+  """TensorBoard, every figure at the global step (the optimizer's step counter), so scalars
+  and pictures line up and a resumed run continues its curves:
+
+  - `logs/train`: `bits_per_dim` and `loss` every `every_steps` steps (means over those steps),
+    the learning rate, and images/s;
+  - `logs/validation`: `bits_per_dim` and `loss` at each epoch's end; `logs/test`: the final
+    test bits/dim (`write_test`);
+  - `logs/images`: a grid of real test images (once) and samples at each epoch's end.
+  """
+
+  def __init__(self, log_dir, every_steps=100, num_samples=36, temperature=0.7, real_images=None,
+               global_batch=None):
+    super().__init__()
+    self.log_dir, self.every_steps, self.global_batch = log_dir, every_steps, global_batch
+    self.num_samples, self.temperature = num_samples, temperature
+    self.real_images = real_images
+    self._writers = {}
+    self._windows = _WindowMeans()
+
+  def writer(self, name):
+    if name not in self._writers:
+      self._writers[name] = tf.summary.create_file_writer(os.path.join(self.log_dir, name))
+    return self._writers[name]
+
+  def _scalars(self, name, values, step):
+    with self.writer(name).as_default():
+      for key, value in values.items():
+        if math.isfinite(value):
+          tf.summary.scalar(key, value, step=step)
+    self.writer(name).flush()
+
+  def on_train_begin(self, logs=None):
+    self._step = int(self.model.optimizer.iterations.numpy())
+    self._time, self._time_step = time.perf_counter(), self._step
+    if self.real_images is not None:
+      with self.writer('images').as_default():
+        tf.summary.image('real_test_images', image_grid(np.asarray(self.real_images))[None],
+                         step=self._step)
+      self.writer('images').flush()
+      self.real_images = None  # once per run
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._windows.reset()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._step += 1
+    window = self._windows.update(batch, logs)
+    if self._step % self.every_steps == 0:
+      now = time.perf_counter()
+      values = {k: v for k, v in window.items() if k in ('bits_per_dim', 'loss')}
+      values['learning_rate'] = float(np.asarray(self.model.optimizer.learning_rate))
+      if self.global_batch and now > self._time:
+        values['images_per_second'] = ((self._step - self._time_step) * self.global_batch /
+                                       (now - self._time))
+      self._time, self._time_step = now, self._step
+      self._scalars('train', values, self._step)
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs or {}
+    self._scalars('validation', {k[4:]: float(np.ravel(v)[0]) for k, v in logs.items()
+                                 if k.startswith('val_')}, self._step)
+    grid = image_grid(to_uint8(self.model.sample(self.num_samples, self.temperature,
+                                                 seed=0)).numpy())
+    with self.writer('images').as_default():
+      tf.summary.image(f'samples_t{self.temperature}', grid[None], step=self._step)
+    self.writer('images').flush()
+
+  def write_test(self, bits_per_dim, step):
+    """The final test bits/dim, at `step`."""
+    self._scalars('test', {'bits_per_dim': bits_per_dim}, step)
+
+
+def evaluate_bits_per_dim(model, batches, noise_draws=1, seed=0, progress=None):
   """Mean bits/dim over every image of `batches` (uint8), averaging the log-density over
-  `noise_draws` dequantization draws per image. Seeded per batch, so it is repeatable."""
+  `noise_draws` dequantization draws per image. Seeded per batch, so it is repeatable.
+  `progress`: a `Progress`, updated with the images done."""
   batch_sum = _batch_sums.setdefault(model, {}).get(noise_draws)
   if batch_sum is None:  # one traced function per model, reused by later evaluations
     model_ref = weakref.ref(model)  # a strong reference would keep the model alive
@@ -435,6 +694,10 @@ def evaluate_bits_per_dim(model, batches, noise_draws=1, seed=0):
   for index, images in enumerate(batches):
     total += float(batch_sum(images, tf.constant(seed * 1_000_003 + index, tf.int64)))
     count += int(images.shape[0])
+    if progress is not None:
+      progress.update(count)
+  if progress is not None:
+    progress.close()
   if count == 0:
     raise RunError('The evaluation split is empty.')
   if not math.isfinite(total):
