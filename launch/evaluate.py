@@ -25,6 +25,9 @@ def main(argv):
   model, run_config, step = training.restore_model(FLAGS.workdir)
   data = common.run_data(run_config)
   train_config = run_config['train']
+  missing = [k for k in ('batch_size', 'replicas') if k not in train_config]
+  if missing:
+    raise training.RunError(f'{FLAGS.workdir}/config.json: the train section lacks {missing}.')
   batch = train_config['batch_size'] * train_config['replicas']
   common.say(f'launch.evaluate: {model.name} ({model.count_params():,} parameters) at step '
              f'{step} of {FLAGS.workdir}; {data.name}, {data.num_test or "?"} test images, '

@@ -54,7 +54,6 @@ def test_benchmark_command_reports_every_figure(tmp_path):
 
 
 def test_benchmark_command_rejects_an_unknown_preset():
-  result = subprocess.run([sys.executable, '-m', 'launch.benchmark', '--presets=nope'],
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 2
-  assert "Unknown preset 'nope'" in result.stderr
+  from test_launch import in_process
+  with in_process('benchmark', '--presets=nope', required=()) as result:
+    assert result['code'] == 2 and "Unknown preset 'nope'" in result['err']

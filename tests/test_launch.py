@@ -1,7 +1,9 @@
 """The launcher end to end, in real processes: train, evaluate, sample, score, resume after
 SIGKILL, two-worker training, and clear errors. Data: scikit-learn's 8x8 digits (real, shipped)."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -11,8 +13,10 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
+from absl.testing import flagsaver
 from PIL import Image
+
+from tfp_realnvp import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--preset=mnist', '--num_scales=2', '--num_blocks=1', '--num_filters=8',
@@ -28,6 +32,31 @@ def launch(command, *args, env=None, timeout=600):
 def ok(result):
   assert result.returncode == 0, result.stderr[-3000:]
   return result
+
+
+@contextlib.contextmanager
+def in_process(module, *args, required=('workdir',)):
+  """Runs a launcher command's main in this process, as `python -m` would (its flag parsing and
+  error handling) but without a new interpreter's start-up; yields the exit code and the
+  captured stdout and stderr. Every command's flags are defined here: which flags a command
+  accepts is for `launch` (a real process) to test."""
+  import importlib
+  from launch import common
+  command = importlib.import_module(f'launch.{module}')
+  out, err, result = io.StringIO(), io.StringIO(), {}
+  with flagsaver.flagsaver(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      argv = common._parser(required)([f'launch.{module}', *args])
+      common.fail_clearly(command.main)(argv)
+      result['code'] = 0
+    except SystemExit as e:
+      result['code'] = e.code
+    finally:
+      for lock in training._held_locks:  # an in-process train keeps its workdir lock: release it
+        lock.close()
+      training._held_locks.clear()
+  result.update(out=out.getvalue(), err=err.getvalue())
+  yield result
 
 
 @pytest.fixture(scope='module')
@@ -97,33 +126,39 @@ def test_score_ranks_noise_below_digits(trained, digits, tmp_path):
 
 
 def test_resume_after_sigkill_continues_from_the_last_checkpoint(digits, tmp_path):
-  from tfp_realnvp import training
+  """One run per workdir while it lives; killed with SIGKILL, its lock does not block the next
+  run, which resumes from the last checkpoint (weights, Adam's moments, step)."""
   workdir = str(tmp_path / 'run')
-  args = ['-m', 'launch.train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL,
-          '--epochs=2', '--steps_per_epoch=60', '--checkpoint_every_steps=20']
-  process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  deadline = time.time() + 300
-  while tf.train.latest_checkpoint(checkpoints) is None and process.poll() is None:
-    assert time.time() < deadline
-    time.sleep(0.1)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  latest = tf.train.latest_checkpoint(checkpoints)
-  killed_at = int(latest.rsplit('-', 1)[1])
-  assert 0 < killed_at < 120
+  args = [f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--steps_per_epoch=60',
+          '--checkpoint_every_steps=20']
+  process = subprocess.Popen([sys.executable, '-m', 'launch.train', *args, '--epochs=50'],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while not training.checkpoint_steps(workdir):
+      assert process.poll() is None and time.time() < deadline
+      time.sleep(0.1)
+    with in_process('train', *args, '--epochs=50', '--seed=1') as second:
+      assert second['code'] == 2 and f'is in use by another launch.train (pid {process.pid} on ' \
+          in second['err'], second['err'][-2000:]
+    with open(os.path.join(workdir, 'config.json')) as f:
+      assert json.load(f)['train']['seed'] == 0  # the refused run wrote nothing
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  killed_at = training.checkpoint_steps(workdir)[0]
+  assert killed_at > 0
   # The checkpoint holds the step counter and Adam's moments.
   model = training.model_from_run_config(training.read_run_config(workdir))
   model.compile()
   assert training.Checkpointer(workdir, model).restore_latest() == killed_at
   moments = [v for v in model.optimizer.variables if 'momentum' in v.path or 'velocity' in v.path]
   assert moments and all(np.any(v.numpy() != 0) for v in moments[:5])
-  result = ok(subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                             timeout=600))
+  epochs = killed_at // 60 + 1
+  result = ok(launch('train', *args, f'--epochs={epochs}'))
   print(f'killed at step {killed_at}; resumed run finished at step {_metrics(workdir)["steps"]}')
   assert f'Resuming from step {killed_at}.' in result.stdout
-  assert _metrics(workdir)['steps'] == 120
+  assert _metrics(workdir)['steps'] == epochs * 60
 
 
 def test_two_worker_training_on_localhost(digits, tmp_path):
@@ -168,16 +203,18 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
       ([f'--dataset=npz:{corrupt}'], 'cannot be read'),
       ([f'--dataset=npz:{empty}'], 'non-empty'),
       (['--dataset=mnist', f'--data_dir={tmp_path}'], 'not prepared'),
+      (['--strategy=gpu'], 'strategy'),
   ]
   for flags, message in cases:
     workdir = trained if 'different' in message else str(tmp_path / 'w')
     start = time.time()
-    result = launch('train', f'--workdir={workdir}', *SMALL, '--epochs=1', '--steps_per_epoch=2',
-                    *flags)
-    assert result.returncode == 2, (flags, result.stderr[-2000:])
-    assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    with in_process('train', f'--workdir={workdir}', *SMALL, '--epochs=1', '--steps_per_epoch=2',
+                    *flags) as result:
+      assert result['code'] == 2, (flags, result['err'][-2000:])
+      lines = result['err'].strip().splitlines()
+      assert len(lines) == 1 and message in lines[0], (flags, lines)
     assert time.time() - start < 60, flags  # no waiting on a download
+  # The same in a real process: one line on stderr, exit status 2, no traceback.
   result = launch('evaluate', f'--workdir={tmp_path}/none')
-  assert result.returncode == 2 and 'no config.json' in result.stderr
-  result = launch('train', f'--workdir={tmp_path}/w', '--strategy=gpu')
-  assert result.returncode != 0 and 'strategy' in result.stderr
+  assert result.returncode == 2 and 'error: ' + f'{tmp_path}/none has no config.json' in \
+      result.stderr and 'Traceback' not in result.stderr
