@@ -25,5 +25,5 @@ setuptools.setup(
         'mlxtend>=0.23',
         'scikit-learn>=1.4',
     ],
-    extras_require={'test': ['pytest>=8']},
+    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.6']},
 )

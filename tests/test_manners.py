@@ -67,7 +67,8 @@ def test_callbacks_monitor_val_bits_per_dim_as_lower_is_better(tmp_path):
   values = history.history['val_bits_per_dim']
   assert values[-1] < values[0]  # training works, so lowest and highest differ
   assert best.best == pytest.approx(min(values))  # lower is better, not higher
-  assert os.path.exists(tmp_path / 'best.keras')
+  restored = keras.models.load_model(tmp_path / 'best.keras')  # compiled, at its step
+  assert int(restored.optimizer.iterations) in (6, 12, 18)
   assert float(model.optimizer.learning_rate) == pytest.approx(1e-3 * 0.5 ** 2)
 
 
@@ -370,3 +371,19 @@ def test_a_resumed_run_with_new_run_settings_reports_and_logs_it_all(tmp_path):
   pictures = _events(os.path.join(logs, 'images'))
   assert pictures['samples_t0.7'] == [30, 40, 60] and pictures['real_test_images'] == [0, 30]
 
+
+
+def test_a_corrupt_image_met_while_training_is_one_line_naming_it(tmp_path):
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(12):
+    Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+  (folder / '5.png').write_bytes(b'truncated')  # every file but this one decodes
+  with in_process('train', f'--workdir={tmp_path}/run', f'--dataset=images:{folder}',
+                  '--image_size=8', *SMALL, '--batch_size=4', '--epochs=1',
+                  '--steps_per_epoch=6') as result:
+    assert result['code'] == 2, result['err'][-2000:]
+    assert result['err'].strip() == (
+        f'error: {folder}/5.png is not a readable image (cannot identify image file '
+        f"'{folder}/5.png').")
