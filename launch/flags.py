@@ -128,12 +128,16 @@ def define_sampling():
   define('integer', 'seed', 0, 'Seed of weights, data order and samples.')
 
 
+def preset_name(data):
+  """--preset, or the one the data calls for."""
+  return (FLAGS.preset or _PRESET_BY_DATASET.get(data.name) or
+          ('lsun' if data.name.startswith('lsun/') else None) or
+          _PRESET_BY_SIZE.get(tuple(data.image_shape[:2]), 'cifar10'))
+
+
 def model_config(data):
   """The preset (given, or chosen from the data) with every model flag that was set."""
-  preset = (FLAGS.preset or _PRESET_BY_DATASET.get(data.name) or
-            ('lsun' if data.name.startswith('lsun/') else None) or
-            _PRESET_BY_SIZE.get(tuple(data.image_shape[:2]), 'cifar10'))
-  return presets.get(preset, image_shape=data.image_shape, **model_overrides())
+  return presets.get(preset_name(data), image_shape=data.image_shape, **model_overrides())
 
 
 def model_overrides():

@@ -69,9 +69,9 @@ def run_config(data, config, strategy):
 
 
 def banner(model, config, data, strategy, global_batch, steps, start):
-  preset = FLAGS.preset or 'from the data'
+  preset = launch_flags.preset_name(data) + ('' if FLAGS.preset else ', from the data')
   common.say(f'launch.train: {model.name}, {config.num_scales} scales, {config.num_blocks} '
-             f'blocks, {config.num_filters} features (preset {preset}), '
+             f'block(s), {config.num_filters} features (preset {preset}), '
              f'{model.count_params():,} parameters, images {list(config.image_shape)}')
   common.say(f'  data: {data.name}, {_count(data.num_train)} train / {_count(data.num_test)} '
              f'test images{" (streamed from disk)" if data.streamed else ""}')
