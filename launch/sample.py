@@ -45,7 +45,7 @@ def main(argv):
     parts = []
     for start in range(0, FLAGS.num, BATCH):
       count = min(BATCH, FLAGS.num - start)
-      parts.append(model.sample(count, FLAGS.temperature, seed=FLAGS.seed * 1_000_003 + start))
+      parts.append(model.sample(count, FLAGS.temperature, seed=FLAGS.seed + start * 1_000_003))
       progress.update(start + count)
     progress.close()
     pixels, columns = tf.concat(parts, 0), None

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from launch import common
 from launch import flags as launch_flags
-from tfp_realnvp import training
+from tfp_realnvp import hardware, training
 from tfp_realnvp.data import evaluation_batches, training_batches
 from tfp_realnvp.images import save_png
 from tfp_realnvp.model import RealNVP, to_uint8
@@ -81,6 +81,9 @@ def banner(model, config, data, strategy, global_batch, steps, start):
              f'{", XLA" if FLAGS.jit_compile else ""}'
              f'{", " + config.compute_dtype if config.compute_dtype else ""}'
              f'{", recompute" if config.recompute else ""}')
+  if config.compute_dtype:
+    native, why = hardware.native_precision(config.compute_dtype)
+    common.say(f'  mixed precision: {why}' if native else f'  warning: {why}')
   where = f'resuming from step {start}' if start else 'new run'
   common.say(f'  workdir: {FLAGS.workdir} ({where})')
 
@@ -106,7 +109,9 @@ def main(argv):
       if aside:
         common.say(f'--restart: the previous run\'s files are in {aside}; starting from step 0.')
   data = launch_flags.load_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
-  config = launch_flags.model_config(data)
+  saved = (training.read_run_config(FLAGS.workdir)['model']
+           if os.path.exists(os.path.join(FLAGS.workdir, 'config.json')) else None)
+  config = launch_flags.model_config(data, saved)  # a resumed run keeps its run settings
   global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
   steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
   config_of_run = run_config(data, config, strategy)

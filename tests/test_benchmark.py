@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import tfp_realnvp as rn
 from tfp_realnvp import benchmark
 
@@ -38,6 +40,8 @@ def test_benchmark_command_reports_every_figure(tmp_path):
   figures, = report['results']
   assert figures['train_traces'] == 1  # no retracing after the first step
   assert 'dist.log_prob img/s' in result.stdout
+  # Nothing about the port unless this run measured it.
+  assert 'port' not in result.stdout.lower() and 'pytorch_port' not in report
   for key in ('train_images_per_second', 'log_prob_images_per_second',
               'distribution_log_prob_images_per_second', 'distribution_log_prob_speed_ratio',
               'sample_images_per_second', 'encode_images_per_second',
@@ -57,3 +61,38 @@ def test_benchmark_command_rejects_an_unknown_preset():
   from test_launch import in_process
   with in_process('benchmark', '--presets=nope', required=()) as result:
     assert result['code'] == 2 and "Unknown preset 'nope'" in result['err']
+
+
+STUB_PORT = r"""
+import argparse, json
+p = argparse.ArgumentParser()
+for name in ('--config', '--mode', '--batch_size', '--warmup', '--steps', '--out'):
+  p.add_argument(name)
+a = p.parse_args()
+speed = {'train': 4.0, 'eval': 16.0, 'sample': 8.0}[a.mode]
+print(f'[{a.config}/{a.mode}] step 0 warmup 20.000s  val=1')
+json.dump({'images_per_s_median': speed, 'peak_rss_mib': 4096.0, 'config': a.config,
+           'batch_size': int(a.batch_size)}, open(a.out, 'w'))
+"""
+
+
+def test_the_port_is_compared_only_as_measured_in_the_same_run(tmp_path):
+  from absl.testing import flagsaver
+  from launch import benchmark as command
+  from tfp_realnvp import presets
+  stub = tmp_path / 'peer_bench.py'
+  stub.write_text(STUB_PORT)
+  ours = {'preset': 'cifar10', 'config': presets.get('cifar10').to_dict(), 'batch_size': 64,
+          'jit_compile': False, 'train_images_per_second': 6.0, 'sample_images_per_second': 16.0,
+          'log_prob_images_per_second': 20.0, 'train_peak_rss_bytes': 2 * 2**30,
+          'train_first_step_seconds': 30.0}
+  other = {**ours, 'preset': 'imagenet32', 'config': presets.get('imagenet32').to_dict()}
+  with flagsaver.flagsaver():
+    command.FLAGS([sys.argv[0], f'--peer_bench={stub}', f'--peer_realnvp={tmp_path}',
+                   f'--peer_python={sys.executable}', '--steps=1'])
+    comparison, = command.compare_with_port([ours, other])  # the port has no imagenet32
+  assert comparison['port_config'] == 'cifar32'
+  ratios = {row['figure']: row['ratio'] for row in comparison['rows']}
+  assert ratios == pytest.approx({'train images/s': 1.5, 'sample images/s': 2.0,
+                                  'log_prob images/s (port: eval)': 1.25,
+                                  'train peak memory GiB': 0.5, 'first step s': 1.5})

@@ -134,11 +134,16 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 
 def image_paths(folder):
-  """Every PNG/JPEG file under `folder` (sub-folders included), sorted by path."""
+  """Every PNG/JPEG file under `folder` (sub-folders included, hidden files and folders such as
+  macOS' `._x.jpg` or `.ipynb_checkpoints/` left out), sorted by path."""
   if not os.path.isdir(folder):
     raise DataError(f'images:{folder}: no such folder.')
-  paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
-                 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+  paths = []
+  for root, folders, names in os.walk(folder):
+    folders[:] = [f for f in folders if not f.startswith('.')]
+    paths += [os.path.join(root, name) for name in names
+              if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
+  paths.sort()
   if not paths:
     raise DataError(f'images:{folder}: no PNG or JPEG files found.')
   return paths

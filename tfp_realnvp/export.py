@@ -129,9 +129,8 @@ def export_saved_model(model, path):
     staging = tempfile.mkdtemp(prefix=f'.{name}.writing-', dir=parent)
   except OSError as e:  # a parent that is a file, a read-only folder
     raise ExportError(f'export_saved_model: cannot write in {parent} ({e}).') from None
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
+  from tfp_realnvp.training import current_umask  # pylint: disable=import-outside-toplevel
+  os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the export from other users
   previous = None
   try:
     module = ServingModule(model)

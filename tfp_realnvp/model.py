@@ -234,8 +234,15 @@ class RealNVP(keras.Model):
     optimizer = config.pop('optimizer', None)
     if optimizer is not None:
       optimizer = keras.saving.deserialize_keras_object(optimizer)
-    metrics = [keras.saving.deserialize_keras_object(m) for m in config.pop('metrics', [])]
-    self.compile(optimizer=optimizer, metrics=metrics, **config)
+    # Files from before this method existed hold Keras' own compile config (loss: None,
+    # metrics: None, ...): only what `compile` takes is passed on.
+    metrics = [keras.saving.deserialize_keras_object(m)
+               for m in config.pop('metrics', None) or []
+               if not (isinstance(m, dict) and m.get('class_name') == 'BitsPerDim')]
+    kwargs = {k: config[k] for k in ('run_eagerly', 'steps_per_execution')
+              if config.get(k) is not None}
+    self.compile(optimizer=optimizer, jit_compile=config.get('jit_compile') is True,
+                 metrics=metrics, **kwargs)
 
   def train_step(self, data):
     """Keras' step, but with global-norm clipping over the replicas' summed gradient."""

@@ -63,6 +63,21 @@ def is_chief(strategy):
       'chief' not in resolver.cluster_spec().as_dict())
 
 
+def current_umask():
+  """The process's umask, read without changing it (Linux: /proc/self/status); elsewhere, by
+  setting and restoring it."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return umask
+
+
 def _strict(value):
   """`value` with NaN and infinities as None (JSON has no such numbers)."""
   if isinstance(value, float) and not math.isfinite(value):
@@ -80,9 +95,7 @@ def write_json_atomic(path, value):
   directory = os.path.dirname(os.path.abspath(path))
   with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
     json.dump(_strict(value), f, indent=2, sort_keys=True, allow_nan=False)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile's 0600 would hide it from others
+  os.chmod(f.name, 0o666 & ~current_umask())  # NamedTemporaryFile's 0600 would hide it
   os.replace(f.name, path)
 
 
@@ -99,6 +112,14 @@ def check_run_config(workdir, run_config):
                     'data': saved['data']}
   new_sections = {'model': RealNVPConfig.from_dict(run_config['model']).architecture(),
                   'data': run_config['data']}
+  saved_float16 = saved['model'].get('compute_dtype') == 'float16'
+  if saved_float16 != (run_config['model'].get('compute_dtype') == 'float16') and \
+      checkpoint_steps(workdir):
+    raise RunError(f'{workdir} holds a run {"with" if saved_float16 else "without"} float16 mixed '
+                   'precision, whose checkpoints hold the optimizer '
+                   f'{"with" if saved_float16 else "without"} loss scaling: resume it '
+                   f'{"with" if saved_float16 else "without"} --mixed_precision=float16 (bfloat16 '
+                   'and float32 may alternate), or use another --workdir.')
   for section in ('model', 'data'):
     differences = {k: (saved_sections[section].get(k), v) for k, v in new_sections[section].items()
                    if saved_sections[section].get(k) != v}
@@ -555,8 +576,8 @@ class ProgressLines(keras.callbacks.Callback):
 
   def on_train_batch_end(self, batch, logs=None):
     self._step += 1
-    window = self._windows.update(batch, logs)
     if self._step % self.every_steps == 0:
+      window = self._windows.update(batch, logs)
       self._say(f'step {self._step:,}/{self.total_epochs * self.steps_per_epoch:,} (epoch '
                 f'{self._epoch + 1}/{self.total_epochs}): {_metric_text(window)}{self._speed()}')
 
@@ -581,8 +602,9 @@ def _metric_text(logs):
 
 
 class _WindowMeans:
-  """Keras reports each metric as its mean since the epoch began: this gives the means over
-  the steps since the last call instead (exact, from the running means and step counts)."""
+  """Keras reports each metric as its mean since the epoch began: `update` gives the means over
+  the steps since its last call in the epoch instead (from the running means and step counts;
+  float64 arithmetic)."""
 
   def reset(self):
     self._previous, self._count = {}, 0
@@ -647,8 +669,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
 
   def on_train_batch_end(self, batch, logs=None):
     self._step += 1
-    window = self._windows.update(batch, logs)
     if self._step % self.every_steps == 0:
+      window = self._windows.update(batch, logs)
       now = time.perf_counter()
       values = {k: v for k, v in window.items() if k in ('bits_per_dim', 'loss')}
       values['learning_rate'] = float(np.asarray(self.model.optimizer.learning_rate))
