@@ -1,6 +1,7 @@
 """The s/t networks of the coupling layers: ResNets with weight norm and batch norm (Keras 3)."""
 
 import keras
+from keras.src.backend.common.variables import AutocastScope
 from keras import ops
 import tensorflow as tf
 
@@ -240,9 +241,10 @@ class CouplingNet(keras.layers.Layer):
             self.conv_out]
 
   def call(self, x, training=False):
+    with AutocastScope(None):  # the output convolution (s and t) runs in the variables' dtype
+      conv_out = self.conv_out.weights_for_call
     weights = [self.conv_in.weights_for_call, [b.weights_for_call for b in self.blocks],
-               self.norm_out.weights_for_call, self.conv_out.weights_for_call,
-               _tensors(self.scale)[0]]
+               self.norm_out.weights_for_call, conv_out, _tensors(self.scale)[0]]
     training = bool(training)
 
     def forward(x, *flat_weights):
@@ -263,8 +265,10 @@ class CouplingNet(keras.layers.Layer):
       h, block_updated = _block_function()(h, *block, training, self.momentum, EPSILON)
       updated += block_updated
     h, out_updated = batch_norm(h, *norm_out, training, self.momentum, EPSILON)
-    h = weight_norm_conv(tf.nn.relu(h), *conv_out)
-    raw_s, t = tf.split(tf.cast(h, self.variable_dtype), 2, axis=-1)
+    # Under mixed precision, s and t come from a float32 convolution: their rounding would
+    # otherwise enter the log-det and the latent directly (a small share of the FLOPs).
+    h = weight_norm_conv(tf.cast(tf.nn.relu(h), self.variable_dtype), *conv_out)
+    raw_s, t = tf.split(h, 2, axis=-1)
     return (scale * tf.tanh(raw_s), t, *updated, *out_updated)
 
   def get_config(self):
