@@ -102,6 +102,12 @@ def main(argv):
     raise training.RunError('--restart is not for multi-worker runs (workers would read the '
                             'workdir while the chief moves files): restart once with one worker, '
                             'or move WORKDIR/checkpoints aside by hand.')
+  if FLAGS.jit_compile and not isinstance(strategy, (tf.distribute.OneDeviceStrategy,)) and \
+      type(strategy).__name__ != '_DefaultDistributionStrategy':
+    raise training.RunError(f'--jit_compile does not work under {type(strategy).__name__} yet '
+                            '(the compiled flow assigns batch-norm running averages, which needs '
+                            'a cross-replica merge): drop --jit_compile, or use '
+                            '--strategy=one_device.')
   if chief:
     training.lock_workdir(FLAGS.workdir)
     if FLAGS.restart:

@@ -204,6 +204,8 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
       ([f'--dataset=npz:{empty}'], 'non-empty'),
       (['--dataset=mnist', f'--data_dir={tmp_path}'], 'not prepared'),
       (['--strategy=gpu'], 'strategy'),
+      ([f'--dataset={digits[0]}', '--strategy=mirrored', '--jit_compile'],
+       '--jit_compile does not work under MirroredStrategy yet'),
   ]
   for flags, message in cases:
     workdir = trained if 'different' in message else str(tmp_path / 'w')
