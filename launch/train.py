@@ -102,8 +102,8 @@ def main(argv):
     raise training.RunError('--restart is not for multi-worker runs (workers would read the '
                             'workdir while the chief moves files): restart once with one worker, '
                             'or move WORKDIR/checkpoints aside by hand.')
-  if FLAGS.jit_compile and not isinstance(strategy, (tf.distribute.OneDeviceStrategy,)) and \
-      type(strategy).__name__ != '_DefaultDistributionStrategy':
+  if FLAGS.jit_compile and isinstance(strategy, (tf.distribute.MirroredStrategy,
+                                                  tf.distribute.MultiWorkerMirroredStrategy)):
     raise training.RunError(f'--jit_compile does not work under {type(strategy).__name__} yet '
                             '(the compiled flow assigns batch-norm running averages, which needs '
                             'a cross-replica merge): drop --jit_compile, or use '

@@ -199,7 +199,7 @@ def set_aside_run(workdir):
   return target
 
 
-RUN_CONFIG_SECTIONS = {'model': dict, 'data': dict, 'train': dict}
+RUN_CONFIG_SECTIONS = ('model', 'data', 'train')
 
 
 def read_run_config(workdir):
