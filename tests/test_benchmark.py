@@ -97,3 +97,37 @@ def test_the_port_is_compared_only_as_measured_in_the_same_run(tmp_path):
   assert ratios == pytest.approx({'train images/s': 1.5, 'sample images/s': 2.0,
                                   'log_prob images/s (port: eval)': 1.25,
                                   'train peak memory GiB': 0.5, 'first step s': 1.5})
+
+
+def _synchronized_batch_norms(model):
+  from tfp_realnvp.bijectors.batch_norm import BatchStatistics
+  from tfp_realnvp.nets import BatchNormalization
+  return sum(isinstance(layer, (BatchNormalization, BatchStatistics))
+             for layer in model._flatten_layers())
+
+
+def test_two_replicas_all_reduce_the_gradient_once_per_step():
+  import tensorflow as tf
+  config = rn.RealNVPConfig((8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  lines = []
+  one, two = benchmark.replica_scaling(config, devices, benchmark.Options(batch_size=8, steps=1),
+                                       report=lines.append)
+  assert one['replicas'] == 1 and two['replicas'] == 2
+  assert one['collective_ops_per_step'] == {'gradient': 0, 'batch_norm': 0, 'other': 0}
+  # One all-reduce of the whole gradient (clipping after it, not before a second one); per
+  # synchronized batch norm, the sums (with the count) and the squared deviations forward and
+  # their gradients backward.
+  layers = _synchronized_batch_norms(rn.RealNVP(config))
+  assert layers == 10 * 4  # 10 couplings: 3 in each network (1 block), 1 on the output
+  assert two['collective_ops_per_step'] == {'gradient': 1, 'batch_norm': 4 * layers, 'other': 0}
+  assert two['train_images_per_second'] > 0 and two['speedup'] > 0
+  assert any('1 for the gradient, 160 for the synchronized batch norms' in line for line in lines)
+
+
+def test_benchmark_replicas_need_the_devices():
+  from test_launch import in_process
+  with in_process('benchmark', '--presets=mnist', '--replicas=3', required=()) as result:
+    assert result['code'] == 2
+    assert result['err'].strip().endswith('--replicas=3 needs 3 devices, this machine has 2; on '
+                                          'a CPU, add --cpu_devices=3.')

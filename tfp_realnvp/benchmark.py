@@ -24,6 +24,7 @@ import tensorflow as tf
 from tfp_realnvp.bijectors.affine_coupling import AffineCoupling
 from tfp_realnvp.data import Data, evaluation_batches, training_batches
 from tfp_realnvp.model import RealNVP
+from tfp_realnvp.optimizers import GRADIENT_ALL_REDUCE
 from tfp_realnvp.training import evaluate_bits_per_dim
 
 
@@ -309,3 +310,60 @@ def quality_per_budget(config, train, test, budget_seconds, evaluate_every_secon
   model.fit(training_batches(data, batch_size, seed=0), epochs=1, steps_per_epoch=10**9,
             verbose=0, callbacks=[budget])
   return budget.rows
+
+
+COLLECTIVE_OPS = ('CollectiveReduce', 'CollectiveReduceV2', 'CollectiveReduceV3',
+                  'CollectiveGather', 'CollectiveGatherV2', 'CollectiveReduceScatterV2',
+                  'CollectiveAllToAllV2', 'CollectiveAllToAllV3', 'NcclAllReduce')
+
+
+def collective_ops_per_step(model, strategy, batch):
+  """The collective ops one replica runs in a training step (`model.train_step` under
+  `strategy.run`, traced, not run), from the step's graph and every function it calls:
+  `{'gradient': n, 'batch_norm': m, 'other': k}`. The gradient's all-reduce is the one in the
+  optimizer's name scope `GRADIENT_ALL_REDUCE`; the others are the synchronized batch norms'
+  (forward and backward)."""
+  distributed = next(iter(strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensors(batch))))
+  step = tf.function(lambda data: strategy.run(model.train_step, args=(data,)))
+  graph = step.get_concrete_function(distributed).graph.as_graph_def()
+  counts = collections.Counter()
+  for nodes in [graph.node, *(f.node_def for f in graph.library.function)]:
+    for node in nodes:
+      if node.op in COLLECTIVE_OPS:
+        kind = ('gradient' if GRADIENT_ALL_REDUCE in node.name else
+                'batch_norm' if node.op.startswith('CollectiveReduce') else 'other')
+        counts[kind] += 1
+  replicas = strategy.num_replicas_in_sync
+  return {kind: counts[kind] // replicas for kind in ('gradient', 'batch_norm', 'other')}
+
+
+def replica_scaling(config, devices, options=Options(), report=print):
+  """Training images/s on 1 replica and on all `devices` (a `MirroredStrategy` each), at the
+  same global batch (`options.batch_size`, split over the replicas), with the collective ops per
+  step of each: a list of dicts."""
+  b = options.batch_size
+  if b % len(devices):
+    raise ValueError(f'the global batch ({b}) must split evenly over {len(devices)} replicas.')
+  data = synthetic_data(config.image_shape, count=max(8 * b, 256))
+  batch = next(iter(training_batches(data, b, seed=0)))
+  rows = []
+  for replicas in sorted({1, len(devices)}):
+    strategy = tf.distribute.MirroredStrategy(devices[:replicas])
+    with strategy.scope():
+      model = RealNVP(config)
+      model.compile()
+    collectives = collective_ops_per_step(model, strategy, batch)
+    first, median, _ = _train_step_timings(model, training_batches(data, b, seed=0),
+                                           options.steps)
+    rows.append({'replicas': replicas, 'global_batch': b, 'train_step_seconds': median,
+                 'train_images_per_second': b / median, 'train_first_step_seconds': first,
+                 'collective_ops_per_step': collectives})
+    report(f'{replicas} replica(s), global batch {b}: {b / median:.1f} images/s (first step '
+           f'{first:.1f} s); collective ops per replica per step: {collectives["gradient"]} '
+           f'for the gradient, {collectives["batch_norm"]} for the synchronized batch norms'
+           + (f', {collectives["other"]} other' if collectives['other'] else ''))
+  if len(rows) == 2:
+    rows[1]['speedup'] = rows[1]['train_images_per_second'] / rows[0]['train_images_per_second']
+    report(f'{rows[1]["replicas"]} replicas at {rows[1]["speedup"]:.2f}x the images/s of one')
+  return rows

@@ -198,15 +198,14 @@ class RealNVP(keras.Model):
     and trains on where it stopped.
     """
     given_optimizer = optimizer
-    float16 = self.config.compute_dtype == 'float16'
-    # The model clips by the global norm of the gradient summed over replicas (an optimizer's
-    # global_clipnorm sees each replica's part); under float16 loss scaling the optimizer does.
-    self._clipnorm = None if float16 else self.config.clipnorm
     if optimizer is None:
-      optimizer = optimizers.Adam(
-          self.config.learning_rate, global_clipnorm=self.config.clipnorm if float16 else None)
-    if float16 and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+      optimizer = optimizers.Adam(self.config.learning_rate)
+    if self.config.compute_dtype == 'float16' and not isinstance(
+        optimizer, keras.optimizers.LossScaleOptimizer):
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    # Clipped by the global norm of the gradient summed over replicas, after the optimizer's
+    # one all-reduce (`global_clipnorm` would clip each replica's part).
+    optimizers.clip_after_all_reduce(optimizer, self.config.clipnorm)
     self._flow_forward = (tf.function(self.flow.forward_and_log_det, jit_compile=True)
                           if jit_compile else self.flow.forward_and_log_det)
     metrics = list(metrics or [])
@@ -245,32 +244,22 @@ class RealNVP(keras.Model):
                  metrics=metrics, **kwargs)
 
   def train_step(self, data):
-    """Keras' step, but with global-norm clipping over the replicas' summed gradient."""
+    """Keras' step; the gradient is clipped by the global norm of its sum over replicas, in the
+    optimizer's all-reduce (see `compile`)."""
     images, _, _ = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
       bits = self(images, training=True)
       loss = self.compute_loss(x=images, y_pred=bits, training=True)
       scaled_loss = self.optimizer.scale_loss(loss)
     variables = self.trainable_variables
-    gradients = self._clipped(tape.gradient(scaled_loss, variables))
-    self.optimizer.apply_gradients(zip(gradients, variables))
+    # One all-reduce per step: the optimizer's, which also clips (`compile`).
+    self.optimizer.apply_gradients(zip(tape.gradient(scaled_loss, variables), variables))
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     self._loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(images)[0])
     return _for_keras_reduction(self.compute_metrics(images, None, bits))
 
   def test_step(self, data):
     return _for_keras_reduction(super().test_step(data))
-
-  def _clipped(self, gradients):
-    if not getattr(self, '_clipnorm', None):
-      return gradients
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas == 1:
-      return tf.clip_by_global_norm(gradients, self._clipnorm)[0]
-    context = tf.distribute.get_replica_context()
-    total = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-    clipped = tf.clip_by_global_norm(total, self._clipnorm)[0]
-    return [g / replicas for g in clipped]  # the optimizer sums the replicas' parts again
 
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
     """Mean bits/dim of the batch plus the L2 decay, scaled for the replicas' gradient sum."""

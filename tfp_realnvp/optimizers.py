@@ -58,3 +58,38 @@ class Adam(keras.optimizers.Adam):
     tf.raw_ops.ResourceApplyAdam(
         var=_resource(variable).handle, m=_resource(self._momentums[index]).handle,
         v=_resource(self._velocities[index]).handle, grad=tf.cast(gradient, dtype), **constants)
+
+
+GRADIENT_ALL_REDUCE = 'gradient_all_reduce'  # the name scope of the step's one gradient all-reduce
+
+
+def clip_after_all_reduce(optimizer, clipnorm):
+  """Makes `optimizer` clip the gradient by its global norm after summing it over replicas, in
+  the one all-reduce it does anyway; returns `optimizer`.
+
+  Keras' `global_clipnorm` clips each replica's part of the gradient before the sum, which
+  neither bounds the step nor gives the same step on any number of replicas; clipping the sum
+  before the optimizer's own all-reduce would communicate the gradient twice per step. Here the
+  optimizer's all-reduce (any Keras optimizer on the TensorFlow backend; for a
+  `LossScaleOptimizer`, its inner optimizer, which gets the unscaled gradient) is followed by
+
+    g <- g * min(1, clipnorm / ||g||)    (||g|| over every variable's summed gradient)
+
+  on every replica alike. `clipnorm=0` or None: no clipping (the all-reduce as Keras does it).
+  """
+  inner = getattr(optimizer, 'inner_optimizer', optimizer)
+  if not hasattr(type(inner), '_all_reduce_sum_gradients'):
+    raise TypeError(f'expected a Keras optimizer on the TensorFlow backend, got '
+                    f'{type(inner).__name__}.')
+  all_reduce = type(inner)._all_reduce_sum_gradients.__get__(inner)
+
+  def all_reduce_then_clip(grads_and_vars):
+    with tf.name_scope(GRADIENT_ALL_REDUCE):
+      grads_and_vars = all_reduce(grads_and_vars)
+    if not clipnorm:
+      return grads_and_vars
+    present = [(g, v) for g, v in grads_and_vars if g is not None]
+    clipped = iter(tf.clip_by_global_norm([g for g, _ in present], clipnorm)[0])
+    return [(g if g is None else next(clipped), v) for g, v in grads_and_vars]
+  inner._all_reduce_sum_gradients = all_reduce_then_clip
+  return optimizer

@@ -51,18 +51,24 @@ def moving_average(moving, batch, momentum, count):
 def synchronized_moments(x, with_count=False):
   """Per-channel mean and variance of `[N, H, W, C]` over every replica's batch, in two passes
   (E[x^2] - E[x]^2 cancels badly in float32 when the mean is large); with `with_count`, also the
-  number of values per channel. An empty batch gives zeros."""
+  number of values per channel. An empty batch gives zeros.
+
+  Across replicas, two all-reduces forward (the sums with the count, then the squared
+  deviations) and two backward (their gradients), however many channels.
+  """
   context = tf.distribute.get_replica_context()
-
-  def total(value):
-    if context is None or context.num_replicas_in_sync == 1:
-      return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-  count = total(tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype))
+  one_replica = context is None or context.num_replicas_in_sync == 1
+  count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
+  sums = tf.reduce_sum(x, axis=[0, 1, 2])
+  if not one_replica:  # the count travels with the sums: one all-reduce
+    packed = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([sums, count[None]], 0))
+    sums, count = packed[:-1], tf.stop_gradient(packed[-1])
   divisor = tf.maximum(count, 1.)
-  mean = total(tf.reduce_sum(x, axis=[0, 1, 2])) / divisor
-  variance = total(tf.reduce_sum(tf.square(x - mean), axis=[0, 1, 2])) / divisor
+  mean = sums / divisor
+  squares = tf.reduce_sum(tf.square(x - mean), axis=[0, 1, 2])
+  if not one_replica:
+    squares = context.all_reduce(tf.distribute.ReduceOp.SUM, squares)
+  variance = squares / divisor
   return (mean, variance, count) if with_count else (mean, variance)
 
 
