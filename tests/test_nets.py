@@ -149,3 +149,87 @@ def test_residual_blocks_of_one_shape_share_one_trace():
   before = nets._residual_block_function.experimental_get_tracing_count()
   tf.function(lambda: net(x, training=True))()
   assert nets._residual_block_function.experimental_get_tracing_count() == before + 1
+
+
+def _unit_inputs(dtype, seed=0, channels=5):
+  rng = np.random.default_rng(seed)
+  x = tf.constant(rng.normal(1., 2., [3, 6, 6, channels]), dtype)
+  f32 = lambda a: tf.constant(a, tf.float32)  # noqa: E731  batch norm statistics stay float32
+  norm = (f32(rng.uniform(0.5, 2., [channels])), f32(rng.normal(0., 1., [channels])),
+          f32(rng.normal(0., 1., [channels])), f32(rng.uniform(0.5, 2., [channels])))
+  conv = (tf.constant(rng.normal(0., 0.3, [3, 3, channels, 4]), dtype),
+          tf.constant(rng.uniform(0.5, 2., [4]), dtype), tf.constant(rng.normal(0., 1., [4]), dtype))
+  return x, norm, conv
+
+
+def _unit_and_gradients(x, norm, conv, keep_only_inputs, compile_mode):
+  """bn_relu_conv's output, running-average updates and gradients (x, gamma, beta, v, g, bias)."""
+  def run(x, norm, conv):
+    with tf.GradientTape() as tape:
+      tape.watch([x, *norm[:2], *conv])
+      y, updated = nets.bn_relu_conv(x, norm, conv, True, 0.9, 1e-4)
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(tf.cast(y, tf.float32)))
+    return [y, *updated, *tape.gradient(loss, [x, *norm[:2], *conv])]
+  if compile_mode != 'eager':
+    run = tf.function(run, jit_compile=compile_mode == 'xla')
+  before = nets.KEEP_ONLY_CONVOLUTION_OUTPUTS
+  nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = keep_only_inputs
+  try:
+    return [np.asarray(tf.cast(t, tf.float32)) for t in run(x, norm, conv)]
+  finally:
+    nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = before
+
+
+@pytest.mark.parametrize('compile_mode', ['eager', 'function', 'xla'])
+@pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])
+def test_bn_relu_conv_recomputed_in_the_backward_pass_gives_autodiffs_gradient(dtype, compile_mode):
+  x, norm, conv = _unit_inputs(dtype)
+  kept = _unit_and_gradients(x, norm, conv, False, compile_mode)
+  recomputed = _unit_and_gradients(x, norm, conv, True, compile_mode)
+  assert len(kept) == 1 + 2 + 6
+  tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == tf.float32 else dict(rtol=2e-2, atol=2e-2)
+  for name, a, b in zip(['y', 'mean', 'variance', 'dx', 'dgamma', 'dbeta', 'dv', 'dg', 'dbias'],
+                        kept, recomputed):
+    assert np.all(np.isfinite(b)), name
+    assert np.abs(a).max() > 1e-3, name  # every gradient is non-trivial
+    np.testing.assert_allclose(b, a, err_msg=name, **tolerance)
+
+
+def _saved_activations(keep_only_inputs):
+  """The distinct activation-sized tensors a residual block's forward pass keeps for its backward
+  pass (Identity aliases resolved), besides its output."""
+  x, norm, conv = _unit_inputs(tf.float32, channels=4)
+  conv = (conv[0][..., :4], conv[1], conv[2])
+  block = tf.function(nets.residual_block, autograph=False,
+                      experimental_attributes={'_noinline': True})
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y, _ = block(x, norm, conv, norm, conv, True, 0.9, 1e-4)
+    return tape.gradient(y, x)
+  before = nets.KEEP_ONLY_CONVOLUTION_OUTPUTS
+  nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = keep_only_inputs
+  try:
+    graph = step.get_concrete_function(x).graph
+  finally:
+    nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = before
+  forward, = [f for name, f in graph._functions.items() if name.startswith('__forward')]
+  outputs = forward.graph.outputs
+
+  def source(t):
+    while t.op.type in ('Identity', 'IdentityN'):
+      t = t.op.inputs[t.value_index]
+    return t
+  output = source(outputs[0])
+  return {(s.op.type, s.name) for s in map(source, outputs[1:])
+          if s.shape == x.shape and s.ref() != output.ref()}
+
+
+def test_residual_block_keeps_only_the_convolution_inputs_of_its_batch_norms():
+  # Autodiff keeps x (batch norm 1), relu(bn1(x)) (conv 1), conv 1's output (batch norm 2) and
+  # relu(bn2(.)) (conv 2); recomputing batch norm and ReLU keeps x and conv 1's output only.
+  kept = _saved_activations(False)
+  assert sorted(op for op, _ in kept) == ['BiasAdd', 'Placeholder', 'Relu', 'Relu']
+  assert sorted(op for op, _ in _saved_activations(True)) == ['BiasAdd', 'Placeholder']

@@ -10,10 +10,14 @@ from tfp_realnvp.bijectors.batch_norm import moving_average, synchronized_moment
 EPSILON = 1e-4  # the networks' batch norm
 
 
+def weight_norm_kernel(v, g):
+  """`g * v / ||v||`, the norm over each output channel's kernel (spatial and input axes)."""
+  return v * (g * tf.math.rsqrt(tf.reduce_sum(tf.square(v), axis=(0, 1, 2)) + 1e-12))
+
+
 def weight_norm_conv(x, v, g, bias):
-  """`conv(x, g * v / ||v||) + bias`, 'same' padding, the norm over each output channel's kernel."""
-  scale = g * tf.math.rsqrt(tf.reduce_sum(tf.square(v), axis=(0, 1, 2)) + 1e-12)
-  return tf.nn.bias_add(tf.nn.conv2d(x, v * scale, 1, 'SAME'), bias)
+  """`conv(x, g * v / ||v||) + bias`, 'same' padding."""
+  return tf.nn.bias_add(tf.nn.conv2d(x, weight_norm_kernel(v, g), 1, 'SAME'), bias)
 
 
 def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum, epsilon):
@@ -70,13 +74,62 @@ def _one_replica():
   return context is None or context.num_replicas_in_sync == 1
 
 
+# Whether, in training on one replica, each batch norm -> ReLU -> convolution keeps only its
+# input for the backward pass (`bn_relu_conv`); False keeps autodiff's tensors (for comparison).
+KEEP_ONLY_CONVOLUTION_OUTPUTS = True
+
+
+def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None):
+  """`conv(relu(bn(x)))` (`norm`: gamma, beta, running mean and variance; `conv`: v, g, bias;
+  the convolution's input cast to `conv_dtype` if given) and the batch norm's updated running
+  averages.
+
+  In training on one replica the backward pass keeps only `x` (the previous convolution's
+  output) and recomputes the cheap batch norm and ReLU from it, as in-place activated batch norm
+  does: autodiff would keep `x` for the batch norm and `relu(bn(x))` for the convolution, twice
+  the memory. The gradient is the same (`tests/test_nets.py`).
+  """
+  if not (training and KEEP_ONLY_CONVOLUTION_OUTPUTS and x.dtype != tf.float64 and
+          _one_replica() and x.shape.num_elements() != 0):
+    h, updated = batch_norm(x, *norm, training, momentum, epsilon)
+    h = tf.nn.relu(h)
+    return weight_norm_conv(h if conv_dtype is None else tf.cast(h, conv_dtype), *conv), updated
+  gamma, beta, moving_mean, moving_variance = norm
+
+  def activation(x, gamma, beta):
+    h, updated = batch_norm(x, gamma, beta, moving_mean, moving_variance, True, momentum,
+                            epsilon)
+    h = tf.nn.relu(h)
+    return (h if conv_dtype is None else tf.cast(h, conv_dtype)), updated
+
+  @tf.custom_gradient
+  def unit(x, gamma, beta, v, g, bias):
+    h, updated = activation(x, gamma, beta)
+    y = tf.nn.bias_add(tf.nn.conv2d(h, weight_norm_kernel(v, g), 1, 'SAME'), bias)
+
+    def gradient(dy, *unused_updates_gradients):
+      with tf.GradientTape() as tape:  # the batch norm and ReLU again, not the convolution
+        tape.watch([x, gamma, beta, v, g])
+        h, _ = activation(x, gamma, beta)
+        kernel = weight_norm_kernel(v, g)
+      dh = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(h), filter=kernel,
+                                          out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
+      dkernel = tf.raw_ops.Conv2DBackpropFilter(input=h, filter_sizes=tf.shape(kernel),
+                                                out_backprop=dy, strides=[1, 1, 1, 1],
+                                                padding='SAME')
+      return (*tape.gradient([h, kernel], [x, gamma, beta, v, g], output_gradients=[dh, dkernel]),
+              tf.raw_ops.BiasAddGrad(out_backprop=dy))
+    return (y, *updated), gradient
+  y, *updated = unit(x, gamma, beta, *conv)
+  return y, tuple(updated)
+
+
 def residual_block(x, norm1, conv1, norm2, conv2, training, momentum, epsilon):
   """`x + conv(relu(bn(conv(relu(bn(x))))))` from the layers' weights (`norm*`: gamma, beta,
   running mean and variance; `conv*`: v, g, bias). Returns `(y, updated running averages)`."""
-  h, updated1 = batch_norm(x, *norm1, training, momentum, epsilon)
-  h, updated2 = batch_norm(weight_norm_conv(tf.nn.relu(h), *conv1), *norm2, training, momentum,
-                           epsilon)
-  return x + weight_norm_conv(tf.nn.relu(h), *conv2), updated1 + updated2
+  h, updated1 = bn_relu_conv(x, norm1, conv1, training, momentum, epsilon)
+  h, updated2 = bn_relu_conv(h, norm2, conv2, training, momentum, epsilon)
+  return x + h, updated1 + updated2
 
 
 # Traced once per shape and reused by every block of that shape (not inlined): a `cifar10` model
@@ -264,10 +317,10 @@ class CouplingNet(keras.layers.Layer):
     for block in blocks:
       h, block_updated = _block_function()(h, *block, training, self.momentum, EPSILON)
       updated += block_updated
-    h, out_updated = batch_norm(h, *norm_out, training, self.momentum, EPSILON)
     # Under mixed precision, s and t come from a float32 convolution: their rounding would
     # otherwise enter the log-det and the latent directly (a small share of the FLOPs).
-    h = weight_norm_conv(tf.cast(tf.nn.relu(h), self.variable_dtype), *conv_out)
+    h, out_updated = bn_relu_conv(h, norm_out, conv_out, training, self.momentum, EPSILON,
+                                  conv_dtype=self.variable_dtype)
     raw_s, t = tf.split(h, 2, axis=-1)
     return (scale * tf.tanh(raw_s), t, *updated, *out_updated)
 
