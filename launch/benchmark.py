@@ -40,6 +40,8 @@ launch_flags.define('bool', 'jit_compile', False, 'Compile the flow with XLA.')
 
 launch_flags.define('list', 'presets', ['cifar10', 'mnist'], 'Presets to measure (with the model '
                     'flags as overrides).')
+launch_flags.define('list', 'precisions', None, 'Measure each preset at each of these: float32, '
+                    'bfloat16, float16 (mixed precision; default: --mixed_precision\'s).')
 launch_flags.define('integer', 'steps', 5, 'Timed calls per figure (after one warm-up call); '
                     'figures are their median.', lower_bound=1)
 launch_flags.define('integer', 'intra_op_threads', 0, 'Threads inside one op (0: TF chooses).',
@@ -87,14 +89,14 @@ def machine():
 
 
 def table(results):
-  columns = [('preset', '{}'), ('train img/s', '{:.1f}'), ('first step s', '{:.1f}'),
+  columns = [('preset', '{}'), ('precision', '{}'), ('train img/s', '{:.1f}'), ('first step s', '{:.1f}'),
              ('log_prob img/s', '{:.1f}'), ('dist.log_prob img/s', '{:.1f}'),
              ('sample img/s', '{:.1f}'),
              ('encode img/s', '{:.1f}'), ('decode img/s', '{:.1f}'),
              ('train peak GiB', '{:.2f}'),
              ('GFLOP/img', '{:.1f}'), ('GFLOP/s', '{:.1f}'), ('of conv limit', '{:.0%}'),
              ('flow overhead', '{:+.1%}')]
-  keys = ['preset', 'train_images_per_second', 'train_first_step_seconds',
+  keys = ['preset', 'precision', 'train_images_per_second', 'train_first_step_seconds',
           'log_prob_images_per_second', 'distribution_log_prob_images_per_second',
           'sample_images_per_second', 'encode_images_per_second',
           'decode_images_per_second', 'peak_gib', 'gflop_per_image', 'gflop_per_second',
@@ -143,15 +145,17 @@ def compare_with_port(results):
   this package's figures over the port's."""
   if not (FLAGS.peer_realnvp and FLAGS.peer_python):
     raise common.RunError('--peer_bench needs --peer_realnvp and --peer_python.')
-  comparisons = []
+  comparisons, ports = [], {}
   for figures in results:
     config = peer_config(figures)
-    if config is None or figures['config']['compute_dtype'] or figures['jit_compile']:
-      continue  # the port runs these configurations in float32, without a compiler
-    print(f'\n== the PyTorch port, {config} (same machine, this run, after this package)',
-          flush=True)
-    port = {mode: run_port(config, mode, figures['batch_size'], FLAGS.steps)
-            for mode in ('train', 'eval', 'sample')}
+    if config is None or figures['jit_compile']:
+      continue  # the port has no such configuration, nor a compiler
+    if config not in ports:
+      print(f'\n== the PyTorch port, {config}, float32 (same machine, this run, after this '
+            'package)', flush=True)
+      ports[config] = {mode: run_port(config, mode, figures['batch_size'], FLAGS.steps)
+                       for mode in ('train', 'eval', 'sample')}
+    port = ports[config]
     rows = []
     for ours_key, mode, port_key, label in PEER_ROWS:
       ours, theirs = figures.get(ours_key), port[mode].get(port_key)
@@ -161,9 +165,10 @@ def compare_with_port(results):
         ours, theirs = ours / 2**30, theirs / 2**30
       rows.append({'figure': label, 'this_package': ours, 'port': theirs,
                    'ratio': ours / theirs})
-    comparisons.append({'preset': figures['preset'], 'port_config': config, 'rows': rows,
-                        'port': port})
-    print(f'{figures["preset"]} vs the port ({config}), batch {figures["batch_size"]}, '
+    comparisons.append({'preset': figures['preset'], 'precision': figures['precision'],
+                        'port_config': config, 'rows': rows, 'port': port})
+    print(f'{figures["preset"]} in {figures["precision"]} vs the port ({config}) in float32, '
+          f'batch {figures["batch_size"]}, '
           f'{time.strftime("%Y-%m-%d")}, {platform.processor() or platform.machine()}, '
           f'{os.cpu_count()} cores (ratio: this package / the port; images/s: higher is '
           'better, memory and first step: lower is better):')
@@ -188,38 +193,51 @@ def replica_devices(replicas):
   return devices[:replicas]
 
 
+def measure(name, config, options):
+  """`benchmark.benchmark`'s figures for the preset `name` (as `config`), reported as they come."""
+  print(f'== {name}: {list(config.image_shape)}, {config.num_scales} scales, '
+        f'{config.num_blocks} blocks, {config.num_filters} features, batch {options.batch_size}, '
+        f'{config.compute_dtype or "float32"}', flush=True)
+  if config.compute_dtype:
+    native, why = hardware.native_precision(config.compute_dtype)
+    print(f'mixed precision: {why}' if native else f'warning: {why}', flush=True)
+  figures = benchmark.benchmark(config, options, report=lambda line: print(line, flush=True))
+  figures.update(preset=name, precision=config.compute_dtype or 'float32',
+                 peak_gib=figures['train_peak_rss_bytes'] / 2**30,
+                 gflop_per_image=figures['train_flops_per_image'] / 1e9,
+                 gflop_per_second=figures['train_flops_per_second'] / 1e9)
+  return figures
+
+
 def main(argv):
   del argv
   common.check_output_file(FLAGS.output, 'output')  # before minutes of measuring
   if FLAGS.peer_bench and not os.path.isfile(FLAGS.peer_bench):
     raise common.RunError(f'--peer_bench={FLAGS.peer_bench}: no such file.')
-  if FLAGS.cpu_devices:
-    training.split_cpu(FLAGS.cpu_devices)
-  devices = replica_devices(FLAGS.replicas)
-  if FLAGS.intra_op_threads:
+  if FLAGS.intra_op_threads:  # all three before TF's runtime starts
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
   if FLAGS.inter_op_threads:
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
+  if FLAGS.cpu_devices:
+    training.split_cpu(FLAGS.cpu_devices)
+  devices = replica_devices(FLAGS.replicas)
   options = benchmark.Options(FLAGS.batch_size, FLAGS.steps, FLAGS.jit_compile)
+  overrides = launch_flags.model_overrides()
+  precisions = [None if p == 'float32' else p for p in FLAGS.precisions or
+                [overrides.get('compute_dtype')]]
+  for precision in precisions:  # before minutes of measuring
+    presets.check_field('compute_dtype', precision)
   results = []
   for name in FLAGS.presets:
-    config = presets.get(name, **launch_flags.model_overrides())
-    print(f'== {name}: {list(config.image_shape)}, {config.num_scales} scales, '
-          f'{config.num_blocks} blocks, {config.num_filters} features, batch {options.batch_size}',
-          flush=True)
-    if config.compute_dtype:
-      native, why = hardware.native_precision(config.compute_dtype)
-      print(f'mixed precision: {why}' if native else f'warning: {why}', flush=True)
-    figures = benchmark.benchmark(config, options, report=lambda line: print(line, flush=True))
-    figures.update(preset=name, peak_gib=figures['train_peak_rss_bytes'] / 2**30,
-                   gflop_per_image=figures['train_flops_per_image'] / 1e9,
-                   gflop_per_second=figures['train_flops_per_second'] / 1e9)
-    results.append(figures)
-    if devices:
-      print(f'== {name}: 1 and {len(devices)} replicas, global batch {options.batch_size}',
-            flush=True)
-      figures['replica_scaling'] = benchmark.replica_scaling(
-          config, devices, options, report=lambda line: print(line, flush=True))
+    for index, precision in enumerate(precisions):
+      config = presets.get(name, **{**overrides, 'compute_dtype': precision})
+      figures = measure(name, config, options)
+      results.append(figures)
+      if devices and index == 0:  # replicas at the first precision only
+        print(f'== {name}: 1 and {len(devices)} replicas, global batch {options.batch_size}',
+              flush=True)
+        figures['replica_scaling'] = benchmark.replica_scaling(
+            config, devices, options, report=lambda line: print(line, flush=True))
 
   report = {'machine': machine(), 'date': time.strftime('%Y-%m-%d %H:%M %Z'),
             'results': results}

@@ -84,14 +84,20 @@ def test_the_port_is_compared_only_as_measured_in_the_same_run(tmp_path):
   stub = tmp_path / 'peer_bench.py'
   stub.write_text(STUB_PORT)
   ours = {'preset': 'cifar10', 'config': presets.get('cifar10').to_dict(), 'batch_size': 64,
-          'jit_compile': False, 'train_images_per_second': 6.0, 'sample_images_per_second': 16.0,
+          'jit_compile': False, 'precision': 'float32', 'train_images_per_second': 6.0, 'sample_images_per_second': 16.0,
           'log_prob_images_per_second': 20.0, 'train_peak_rss_bytes': 2 * 2**30,
           'train_first_step_seconds': 30.0}
   other = {**ours, 'preset': 'imagenet32', 'config': presets.get('imagenet32').to_dict()}
+  bfloat16 = {**ours, 'precision': 'bfloat16', 'train_images_per_second': 10.0}
+  runs = tmp_path / 'runs.txt'
+  stub.write_text(STUB_PORT + f'open({str(runs)!r}, "a").write(a.mode + "\\n")\n')
   with flagsaver.flagsaver():
     command.FLAGS([sys.argv[0], f'--peer_bench={stub}', f'--peer_realnvp={tmp_path}',
                    f'--peer_python={sys.executable}', '--steps=1'])
-    comparison, = command.compare_with_port([ours, other])  # the port has no imagenet32
+    # the port has no imagenet32; bfloat16 is compared with the same float32 port run
+    comparison, mixed = command.compare_with_port([ours, other, bfloat16])
+  assert runs.read_text().split() == ['train', 'eval', 'sample']
+  assert mixed['precision'] == 'bfloat16' and mixed['rows'][0]['ratio'] == pytest.approx(2.5)
   assert comparison['port_config'] == 'cifar32'
   ratios = {row['figure']: row['ratio'] for row in comparison['rows']}
   assert ratios == pytest.approx({'train images/s': 1.5, 'sample images/s': 2.0,
