@@ -127,7 +127,7 @@ def test_run_settings_may_change_when_resuming_but_not_the_architecture(tmp_path
   (tmp_path / 'checkpoints' / 'ckpt-7.index').write_bytes(b'')
   for change in (dict(recompute=True), dict(compute_dtype='bfloat16'), dict(learning_rate=5e-4),
                  dict(clipnorm=0.), dict(validate_args=False), dict(l2=0.),
-                 dict(batch_norm_momentum=0.99)):
+                 dict(batch_norm_momentum=0.99), dict(sync_batch_norm=False)):
     training.check_run_config(str(tmp_path), {**run, 'model': config.replace(**change).to_dict()})
   # float16 keeps a loss-scaling optimizer in its checkpoints: no switching to or from it.
   with pytest.raises(training.RunError, match='without float16 mixed precision'):

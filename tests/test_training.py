@@ -76,3 +76,36 @@ def test_mirrored_strategy_gives_the_single_device_loss():
     assert two[1][key] == pytest.approx(one[1][key], rel=1e-4)
   # The second epoch saw updated weights, by a margin well above the tolerance.
   assert abs(one[0]['bits_per_dim'][1] - one[0]['bits_per_dim'][0]) > 3e-3
+
+
+def test_unsynchronized_batch_norm_takes_each_replicas_batch_without_collectives():
+  from tfp_realnvp import benchmark
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  images = np.random.default_rng(3).uniform(0, 256, [16, 8, 8, 2]).astype(np.float32)
+  outputs = {}
+  for sync in (True, False):
+    config = SMALL.replace(sync_batch_norm=sync)
+    reference = rn.RealNVP(config)
+    randomize(reference.flow_layers, seed=2, scale=0.1, variance=(0.8, 1.2))
+    # One device: the whole batch, and each half alone (batch statistics of 8 images).
+    whole = reference(images, training=True).numpy()
+    halves = np.concatenate([reference(images[:8], training=True).numpy(),
+                             reference(images[8:], training=True).numpy()])
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+      model = rn.RealNVP(config)
+      model.set_weights(reference.get_weights())
+      model.compile()
+    batch = next(iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(images).batch(16))))
+    per_replica = tf.function(lambda x: strategy.run(
+        lambda x: model(x, training=True), args=(x,)))(batch)
+    outputs[sync] = (np.concatenate(strategy.experimental_local_results(per_replica)), whole,
+                     halves, benchmark.collective_ops_per_step(model, strategy, images))
+  synced, whole, halves, collectives = outputs[True]
+  np.testing.assert_allclose(synced, whole, rtol=1e-5)  # the global batch's statistics
+  assert collectives['batch_norm'] > 0
+  unsynced, whole, halves, collectives = outputs[False]
+  np.testing.assert_allclose(unsynced, halves, rtol=1e-5)  # each replica's own
+  assert np.abs(unsynced - whole).max() > 1e-3  # and that is a different loss
+  assert collectives == {'gradient': 1, 'batch_norm': 0, 'other': 0}

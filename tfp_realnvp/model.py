@@ -109,10 +109,11 @@ class RealNVP(keras.Model):
               else self.config.dtype)
     return CouplingNet(event_shape[-1], filters, self.config.num_blocks, l2=self.config.l2,
                        momentum=self.config.batch_norm_momentum, recompute=self.config.recompute,
-                       dtype=policy)
+                       synchronized=self.config.sync_batch_norm, dtype=policy)
 
   def _batch_statistics(self):
-    return BatchStatistics(self.config.batch_norm_momentum, dtype=self.config.dtype)
+    return BatchStatistics(self.config.batch_norm_momentum, self.config.sync_batch_norm,
+                           dtype=self.config.dtype)
 
   @property
   def image_shape(self):

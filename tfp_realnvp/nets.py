@@ -20,12 +20,14 @@ def weight_norm_conv(x, v, g, bias):
   return tf.nn.bias_add(tf.nn.conv2d(x, weight_norm_kernel(v, g), 1, 'SAME'), bias)
 
 
-def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum, epsilon):
+def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum, epsilon,
+               synchronized=True):
   """`(gamma * (x - mean) / sqrt(var + epsilon) + beta, updated running averages)`.
 
-  In training, the batch's moments (synchronized across replicas) and the updated running
-  averages `(mean, variance)`; in inference, the running averages and no update (`()`). TF's
-  fused kernel where it applies (one replica, float32 or narrower).
+  In training, the batch's moments (synchronized across replicas unless `synchronized=False`:
+  then each replica's own) and the updated running averages `(mean, variance)`; in inference, the
+  running averages and no update (`()`). TF's fused kernel where it applies (statistics of one
+  replica's batch, float32 or narrower).
   """
   def normalize(mean, variance):  # in the statistics' dtype, as the fused kernel
     inverse_std = gamma * tf.math.rsqrt(variance + epsilon)
@@ -41,7 +43,7 @@ def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum,
     if fusable:
       return fused(moving_mean, moving_variance, is_training=False)[0], ()
     return normalize(moving_mean, moving_variance), ()
-  if fusable and _one_replica():
+  if fusable and _local(synchronized):
     # The kernel also returns the updated running averages (of the unbiased variance).
     y, *updated = fused(moving_mean, moving_variance, True, average=1. - momentum)
     if x.shape.num_elements() == 0:  # no statistics (the kernel gives NaN): keep the averages
@@ -49,7 +51,8 @@ def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum,
     # (A run-time guard here, a select on the kernel's outputs, made the cifar10 model's first
     # step 28 s slower; inside the model an empty batch fails in the convolutions first.)
     return y, tuple(updated)
-  mean, variance, count = synchronized_moments(tf.cast(x, gamma.dtype), with_count=True)
+  mean, variance, count = synchronized_moments(tf.cast(x, gamma.dtype), with_count=True,
+                                                synchronized=synchronized)
   # The unbiased variance is undefined for one value: keep the biased one (0) there.
   unbiased = variance * count / tf.maximum(count - 1., 1.)
   return normalize(mean, variance), tuple(
@@ -74,31 +77,37 @@ def _one_replica():
   return context is None or context.num_replicas_in_sync == 1
 
 
+def _local(synchronized):
+  """Whether batch statistics are of this replica's batch alone (no collective ops)."""
+  return not synchronized or _one_replica()
+
+
 # Whether, in training on one replica, each batch norm -> ReLU -> convolution keeps only its
 # input for the backward pass (`bn_relu_conv`); False keeps autodiff's tensors (for comparison).
 KEEP_ONLY_CONVOLUTION_OUTPUTS = True
 
 
-def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None):
+def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None,
+                 synchronized=True):
   """`conv(relu(bn(x)))` (`norm`: gamma, beta, running mean and variance; `conv`: v, g, bias;
   the convolution's input cast to `conv_dtype` if given) and the batch norm's updated running
   averages.
 
-  In training on one replica the backward pass keeps only `x` (the previous convolution's
+  In training with local statistics (one replica, or `synchronized=False`) the backward pass keeps only `x` (the previous convolution's
   output) and recomputes the cheap batch norm and ReLU from it, as in-place activated batch norm
   does: autodiff would keep `x` for the batch norm and `relu(bn(x))` for the convolution, twice
   the memory. The gradient is the same (`tests/test_nets.py`).
   """
   if not (training and KEEP_ONLY_CONVOLUTION_OUTPUTS and x.dtype != tf.float64 and
-          _one_replica() and x.shape.num_elements() != 0):
-    h, updated = batch_norm(x, *norm, training, momentum, epsilon)
+          _local(synchronized) and x.shape.num_elements() != 0):
+    h, updated = batch_norm(x, *norm, training, momentum, epsilon, synchronized)
     h = tf.nn.relu(h)
     return weight_norm_conv(h if conv_dtype is None else tf.cast(h, conv_dtype), *conv), updated
   gamma, beta, moving_mean, moving_variance = norm
 
   def activation(x, gamma, beta):
     h, updated = batch_norm(x, gamma, beta, moving_mean, moving_variance, True, momentum,
-                            epsilon)
+                            epsilon, synchronized)
     h = tf.nn.relu(h)
     return (h if conv_dtype is None else tf.cast(h, conv_dtype)), updated
 
@@ -124,11 +133,14 @@ def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None):
   return y, tuple(updated)
 
 
-def residual_block(x, norm1, conv1, norm2, conv2, training, momentum, epsilon):
+def residual_block(x, norm1, conv1, norm2, conv2, training, momentum, epsilon,
+                   synchronized=True):
   """`x + conv(relu(bn(conv(relu(bn(x))))))` from the layers' weights (`norm*`: gamma, beta,
   running mean and variance; `conv*`: v, g, bias). Returns `(y, updated running averages)`."""
-  h, updated1 = bn_relu_conv(x, norm1, conv1, training, momentum, epsilon)
-  h, updated2 = bn_relu_conv(h, norm2, conv2, training, momentum, epsilon)
+  h, updated1 = bn_relu_conv(x, norm1, conv1, training, momentum, epsilon,
+                             synchronized=synchronized)
+  h, updated2 = bn_relu_conv(h, norm2, conv2, training, momentum, epsilon,
+                             synchronized=synchronized)
   return x + h, updated1 + updated2
 
 
@@ -175,17 +187,18 @@ class WeightNormConv2D(keras.layers.Layer):
 class BatchNormalization(keras.layers.Layer):
   """Batch normalization of the coupling networks: `gamma * (x - mean) / sqrt(var + eps) + beta`.
 
-  In training, the batch's per-channel moments (synchronized across replicas), and running
-  averages `m <- momentum * m + (1 - momentum) * batch` (of the unbiased batch variance, as TF's
-  kernel and PyTorch keep them); in inference, the running averages. The variables of Keras'
-  layer, but on one replica it is TF's fused kernel: one op forward (running averages included)
+  In training, the batch's per-channel moments (synchronized across replicas; with
+  `synchronized=False`, each replica's own), and running averages
+  `m <- momentum * m + (1 - momentum) * batch` (of the unbiased batch variance, as TF's kernel and
+  PyTorch keep them); in inference, the running averages. The variables of Keras' layer, but with
+  one replica's statistics it is TF's fused kernel: one op forward (running averages included)
   and one backward, which keep only the input for the gradient, where Keras' layer is a dozen ops
   with their intermediates kept.
   """
 
-  def __init__(self, momentum=0.9, epsilon=1e-4, **kwargs):
+  def __init__(self, momentum=0.9, epsilon=1e-4, synchronized=True, **kwargs):
     super().__init__(**kwargs)
-    self.momentum, self.epsilon = momentum, epsilon
+    self.momentum, self.epsilon, self.synchronized = momentum, epsilon, synchronized
 
   def build(self, input_shape):
     channels = (input_shape[-1],)
@@ -205,21 +218,24 @@ class BatchNormalization(keras.layers.Layer):
     return _tensors(self.gamma, self.beta, self.moving_mean, self.moving_variance)
 
   def call(self, x, training=False):
-    y, updated = batch_norm(x, *self.weights_for_call, training, self.momentum, self.epsilon)
+    y, updated = batch_norm(x, *self.weights_for_call, training, self.momentum, self.epsilon,
+                            self.synchronized)
     _assign((self.moving_mean, self.moving_variance), updated)
     return y
 
   def get_config(self):
-    return {**super().get_config(), 'momentum': self.momentum, 'epsilon': self.epsilon}
+    return {**super().get_config(), 'momentum': self.momentum, 'epsilon': self.epsilon,
+            'synchronized': self.synchronized}
 
 
 class ResidualBlock(keras.layers.Layer):
   """Pre-activation block: `x + conv(relu(bn(conv(relu(bn(x))))))`, 3x3 weight-norm convs."""
 
-  def __init__(self, filters, l2=0., momentum=0.9, **kwargs):
+  def __init__(self, filters, l2=0., momentum=0.9, synchronized=True, **kwargs):
     super().__init__(**kwargs)
-    self.momentum = momentum
-    norm = dict(momentum=momentum, epsilon=EPSILON, dtype=self.dtype_policy)
+    self.momentum, self.synchronized = momentum, synchronized
+    norm = dict(momentum=momentum, epsilon=EPSILON, synchronized=synchronized,
+                dtype=self.dtype_policy)
     self.norm1 = BatchNormalization(**norm)
     self.conv1 = WeightNormConv2D(filters, 3, l2, dtype=self.dtype_policy)
     self.norm2 = BatchNormalization(**norm)
@@ -242,16 +258,16 @@ class ResidualBlock(keras.layers.Layer):
             self.norm2.moving_mean, self.norm2.moving_variance]
 
   def call(self, x, training=False):
-    y, updated = _block_function()(x, *self.weights_for_call, bool(training), self.momentum,
-                                   EPSILON)
+    y, updated = _block_function(self.synchronized)(
+        x, *self.weights_for_call, bool(training), self.momentum, EPSILON, self.synchronized)
     _assign(self.moving_variables, updated)
     return y
 
 
-def _block_function():
+def _block_function(synchronized):
   """One traced function for every block of a shape, where batch statistics need no
   cross-replica sync (which cannot run inside a nested tf.function)."""
-  return _residual_block_function if _one_replica() else residual_block
+  return _residual_block_function if _local(synchronized) else residual_block
 
 
 class CouplingNet(keras.layers.Layer):
@@ -264,18 +280,20 @@ class CouplingNet(keras.layers.Layer):
 
   `recompute=True` keeps none of the network's activations for the gradient: the backward pass
   runs the network forward again (a third more compute for a fraction of the memory).
+  `synchronized=False`: batch statistics of each replica's batch (see `BatchNormalization`).
   """
 
   def __init__(self, channels, num_filters, num_blocks, l2=0., momentum=0.9, recompute=False,
-               **kwargs):
+               synchronized=True, **kwargs):
     super().__init__(**kwargs)
     self.channels, self.num_filters, self.num_blocks = channels, num_filters, num_blocks
     self.l2, self.momentum, self.recompute = l2, momentum, recompute
+    self.synchronized = synchronized
     policy = self.dtype_policy
     self.conv_in = WeightNormConv2D(num_filters, 3, l2, dtype=policy)
-    self.blocks = [ResidualBlock(num_filters, l2, momentum, dtype=policy)
+    self.blocks = [ResidualBlock(num_filters, l2, momentum, synchronized, dtype=policy)
                    for _ in range(num_blocks)]
-    self.norm_out = BatchNormalization(momentum, EPSILON, dtype=policy)
+    self.norm_out = BatchNormalization(momentum, EPSILON, synchronized, dtype=policy)
     self.conv_out = WeightNormConv2D(2 * channels, 3, l2, zero_init=True, dtype=policy)
 
   def build(self, input_shape):
@@ -315,16 +333,18 @@ class CouplingNet(keras.layers.Layer):
     conv_in, blocks, norm_out, conv_out, scale = weights
     h, updated = weight_norm_conv(x, *conv_in), ()
     for block in blocks:
-      h, block_updated = _block_function()(h, *block, training, self.momentum, EPSILON)
+      h, block_updated = _block_function(self.synchronized)(
+          h, *block, training, self.momentum, EPSILON, self.synchronized)
       updated += block_updated
     # Under mixed precision, s and t come from a float32 convolution: their rounding would
     # otherwise enter the log-det and the latent directly (a small share of the FLOPs).
     h, out_updated = bn_relu_conv(h, norm_out, conv_out, training, self.momentum, EPSILON,
-                                  conv_dtype=self.variable_dtype)
+                                  conv_dtype=self.variable_dtype, synchronized=self.synchronized)
     raw_s, t = tf.split(h, 2, axis=-1)
     return (scale * tf.tanh(raw_s), t, *updated, *out_updated)
 
   def get_config(self):
     return {**super().get_config(), 'channels': self.channels, 'num_filters': self.num_filters,
             'num_blocks': self.num_blocks, 'l2': self.l2, 'momentum': self.momentum,
+            'synchronized': self.synchronized,
             'recompute': self.recompute}

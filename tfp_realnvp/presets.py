@@ -34,7 +34,8 @@ class RealNVPConfig:
   Architecture (a checkpoint's shapes and meaning depend on these): `image_shape`, `num_scales`,
   `num_blocks`, `num_filters`, `alpha`, `batch_norm_epsilon`, `dtype`.
   Run settings (may change between runs of the same model): `batch_norm_momentum`, `l2`,
-  `learning_rate`, `clipnorm`, `compute_dtype`, `validate_args`, `recompute`.
+  `learning_rate`, `clipnorm`, `compute_dtype`, `validate_args`, `recompute`,
+  `sync_batch_norm`.
   """
   image_shape: tuple = _field((32, 32, 3), ARCHITECTURE, '[H, W, C] of the images.', flag=False)
   num_scales: int = _field(2, ARCHITECTURE, 'Scales of the multi-scale architecture, the final '
@@ -64,6 +65,10 @@ class RealNVPConfig:
   recompute: bool = _field(False, RUN, 'Keep no coupling-network activations for the gradient: '
                            'the backward pass runs each network again (about a third more '
                            'compute, a fraction of the memory).')
+  sync_batch_norm: bool = _field(True, RUN, 'Batch statistics over every replica\'s batch, so '
+                                 'the loss is the global batch\'s on any number of replicas (4 '
+                                 'all-reduces per batch norm per step); false: each replica\'s '
+                                 'own (no all-reduce; the loss then depends on the split).')
 
   def __post_init__(self):
     if not (isinstance(self.image_shape, (tuple, list)) and len(self.image_shape) == 3):

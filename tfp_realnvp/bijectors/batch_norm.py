@@ -11,12 +11,13 @@ class BatchStatistics(keras.layers.Layer):
   the running averages in inference.
 
   Batch statistics are synchronized across replicas under `tf.distribute`, so a global batch
-  gives the same normalization (and loss) on any number of devices.
+  gives the same normalization (and loss) on any number of devices; `synchronized=False` takes
+  each replica's own (no collective ops; the loss then depends on the split).
   """
 
-  def __init__(self, momentum=0.9, **kwargs):
+  def __init__(self, momentum=0.9, synchronized=True, **kwargs):
     super().__init__(**kwargs)
-    self.momentum = momentum
+    self.momentum, self.synchronized = momentum, synchronized
 
   def build(self, input_shape):
     channels = (input_shape[-1],)
@@ -29,13 +30,14 @@ class BatchStatistics(keras.layers.Layer):
   def call(self, x, training=False):
     if not training:
       return self.moving_mean, self.moving_variance
-    mean, variance, count = synchronized_moments(x, with_count=True)
+    mean, variance, count = synchronized_moments(x, with_count=True,
+                                                 synchronized=self.synchronized)
     for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
       moving.assign(moving_average(moving, batch, self.momentum, count))
     return mean, variance
 
   def get_config(self):
-    return {**super().get_config(), 'momentum': self.momentum}
+    return {**super().get_config(), 'momentum': self.momentum, 'synchronized': self.synchronized}
 
 
 def moving_average(moving, batch, momentum, count):
@@ -48,16 +50,17 @@ def moving_average(moving, batch, momentum, count):
   return moving + weight * (batch - moving)
 
 
-def synchronized_moments(x, with_count=False):
+def synchronized_moments(x, with_count=False, synchronized=True):
   """Per-channel mean and variance of `[N, H, W, C]` over every replica's batch, in two passes
   (E[x^2] - E[x]^2 cancels badly in float32 when the mean is large); with `with_count`, also the
-  number of values per channel. An empty batch gives zeros.
+  number of values per channel. An empty batch gives zeros. `synchronized=False`: this replica's
+  batch alone.
 
   Across replicas, two all-reduces forward (the sums with the count, then the squared
   deviations) and two backward (their gradients), however many channels.
   """
   context = tf.distribute.get_replica_context()
-  one_replica = context is None or context.num_replicas_in_sync == 1
+  one_replica = not synchronized or context is None or context.num_replicas_in_sync == 1
   count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
   sums = tf.reduce_sum(x, axis=[0, 1, 2])
   if not one_replica:  # the count travels with the sums: one all-reduce
