@@ -17,9 +17,12 @@ on the presets it has, and the ratios are printed with the date and machine. No 
 printed that this run did not measure.
 """
 
+import dataclasses
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import subprocess
 import tempfile
 import time
@@ -125,8 +128,13 @@ def run_port(config, mode, batch_size, steps):
     command = [FLAGS.peer_python, FLAGS.peer_bench, '--config', config, '--mode', mode,
                '--batch_size', str(batch_size), '--warmup', '1', '--steps', str(steps),
                '--out', out]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            env={**os.environ, 'PEER_REALNVP': FLAGS.peer_realnvp})
+    # Its memory is sampled from here: the harness' ru_maxrss also holds this process' size
+    # (Linux keeps the peak across fork and exec).
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, 'PEER_REALNVP': FLAGS.peer_realnvp}) as process:
+      with benchmark.ResidentMemory(pid=process.pid) as memory:
+        stdout, stderr = process.communicate()
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if result.returncode or not os.path.exists(out):
       raise common.RunError(f'The port\'s harness failed ({" ".join(command)}): '
                             f'{result.stderr.strip().splitlines()[-1:] or result.returncode}')
@@ -136,7 +144,8 @@ def run_port(config, mode, batch_size, steps):
   first = [float(line.split(' warmup ')[1].split('s')[0]) for line in result.stdout.splitlines()
            if ' step 0 warmup ' in line]
   figures['first_step_seconds'] = first[0] if first else None
-  figures['peak_rss_bytes'] = figures['peak_rss_mib'] * 2**20
+  figures['harness_peak_rss_bytes'] = figures['peak_rss_mib'] * 2**20  # inflated; see above
+  figures['peak_rss_bytes'] = memory.peak_bytes
   return figures
 
 
@@ -203,10 +212,47 @@ def measure(name, config, options):
     print(f'mixed precision: {why}' if native else f'warning: {why}', flush=True)
   figures = benchmark.benchmark(config, options, report=lambda line: print(line, flush=True))
   figures.update(preset=name, precision=config.compute_dtype or 'float32',
+                 process_id=os.getpid(),
                  peak_gib=figures['train_peak_rss_bytes'] / 2**30,
                  gflop_per_image=figures['train_flops_per_image'] / 1e9,
                  gflop_per_second=figures['train_flops_per_second'] / 1e9)
   return figures
+
+
+def _child(job, name, config, options, settings, results):
+  """One measurement in a fresh process (`spawn`): TF's settings first, then `job`."""
+  intra, inter, cpu_devices, devices = settings
+  if intra:
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+  if inter:
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+  if cpu_devices:
+    training.split_cpu(cpu_devices)
+  config, options = presets.RealNVPConfig.from_dict(config), benchmark.Options(**options)
+  if job == 'measure':
+    results.put(measure(name, config, options))
+  else:
+    results.put(benchmark.replica_scaling(config, devices, options,
+                                          report=lambda line: print(line, flush=True)))
+
+
+def in_own_process(job, name, config, options, devices=()):
+  """`job` ('measure' or 'replicas') in a process of its own, so that each figure's memory and
+  first step start from nothing (memory freed by an earlier model stays with the process)."""
+  context = multiprocessing.get_context('spawn')
+  results = context.Queue()
+  settings = (FLAGS.intra_op_threads, FLAGS.inter_op_threads,
+              FLAGS.cpu_devices if job == 'replicas' else None, list(devices))
+  process = context.Process(target=_child, args=(job, name, config.to_dict(),
+                                                 dataclasses.asdict(options), settings, results))
+  process.start()
+  while process.is_alive() or not results.empty():
+    try:
+      return results.get(timeout=1.)
+    except queue.Empty:
+      continue
+  raise RuntimeError(f'Measuring {name} ({job}) failed in its own process (exit code '
+                     f'{process.exitcode}); its traceback is above.')
 
 
 def main(argv):
@@ -231,13 +277,12 @@ def main(argv):
   for name in FLAGS.presets:
     for index, precision in enumerate(precisions):
       config = presets.get(name, **{**overrides, 'compute_dtype': precision})
-      figures = measure(name, config, options)
+      figures = in_own_process('measure', name, config, options)
       results.append(figures)
       if devices and index == 0:  # replicas at the first precision only
         print(f'== {name}: 1 and {len(devices)} replicas, global batch {options.batch_size}',
               flush=True)
-        figures['replica_scaling'] = benchmark.replica_scaling(
-            config, devices, options, report=lambda line: print(line, flush=True))
+        figures['replica_scaling'] = in_own_process('replicas', name, config, options, devices)
 
   report = {'machine': machine(), 'date': time.strftime('%Y-%m-%d %H:%M %Z'),
             'results': results}

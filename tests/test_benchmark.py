@@ -32,12 +32,16 @@ def test_benchmark_command_reports_every_figure(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'launch.benchmark', '--presets=mnist', '--num_scales=2',
        '--num_blocks=1', '--num_filters=4', '--batch_size=16', '--steps=2',
-       '--quality_budget=4', '--quality_every=2', f'--output={output}'],
+       '--precisions=float32,bfloat16', '--quality_budget=4', '--quality_every=2',
+       f'--output={output}'],
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'train img/s' in result.stdout and 'test bits/dim' in result.stdout
   report = json.loads(output.read_text())
-  figures, = report['results']
+  figures, mixed = report['results']
+  assert (figures['precision'], mixed['precision']) == ('float32', 'bfloat16')
+  # Each measurement in a process of its own (memory and first step from nothing).
+  assert figures['process_id'] != mixed['process_id']
   assert figures['train_traces'] == 1  # no retracing after the first step
   assert 'dist.log_prob img/s' in result.stdout
   # Nothing about the port unless this run measured it.
@@ -71,6 +75,9 @@ for name in ('--config', '--mode', '--batch_size', '--warmup', '--steps', '--out
   p.add_argument(name)
 a = p.parse_args()
 speed = {'train': 4.0, 'eval': 16.0, 'sample': 8.0}[a.mode]
+import time
+block = b'x' * (300 * 2**20)  # 300 MiB resident for a while: the port's memory
+time.sleep(0.5)
 print(f'[{a.config}/{a.mode}] step 0 warmup 20.000s  val=1')
 json.dump({'images_per_s_median': speed, 'peak_rss_mib': 4096.0, 'config': a.config,
            'batch_size': int(a.batch_size)}, open(a.out, 'w'))
@@ -100,9 +107,14 @@ def test_the_port_is_compared_only_as_measured_in_the_same_run(tmp_path):
   assert mixed['precision'] == 'bfloat16' and mixed['rows'][0]['ratio'] == pytest.approx(2.5)
   assert comparison['port_config'] == 'cifar32'
   ratios = {row['figure']: row['ratio'] for row in comparison['rows']}
+  memory = ratios.pop('train peak memory GiB')
   assert ratios == pytest.approx({'train images/s': 1.5, 'sample images/s': 2.0,
-                                  'log_prob images/s (port: eval)': 1.25,
-                                  'train peak memory GiB': 0.5, 'first step s': 1.5})
+                                  'log_prob images/s (port: eval)': 1.25, 'first step s': 1.5})
+  # The port's memory is sampled from outside (300 MiB and the interpreter), not the harness'
+  # ru_maxrss (4 GiB here; for real, it also counts the process that started the harness).
+  port_train_gib = 2. / memory
+  assert 300 / 1024 < port_train_gib < 0.6, port_train_gib
+  assert comparison['port']['train']['harness_peak_rss_bytes'] == 4 * 2**30
 
 
 def _synchronized_batch_norms(model):

@@ -28,23 +28,36 @@ from tfp_realnvp.optimizers import GRADIENT_ALL_REDUCE
 from tfp_realnvp.training import evaluate_bits_per_dim
 
 
+def _status_bytes(field, pid='self'):
+  """A memory field of /proc/PID/status (`VmRSS`, `VmHWM`) in bytes, or None (no such process,
+  or not Linux)."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    return None
+  return None
+
+
 def peak_rss_bytes():
-  """This process' peak resident memory so far (Linux reports kilobytes)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  """This process' peak resident memory so far: Linux's `VmHWM`, which counts this program only
+  (`ru_maxrss` also keeps the peak of the process it was forked from, across `exec`)."""
+  peak = _status_bytes('VmHWM')
+  return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class ResidentMemory:
-  """The peak resident memory while inside the `with` block, sampled every `interval` seconds
-  (the process' own peak also counts what ran before)."""
+  """The peak resident memory of process `pid` (this one by default) while inside the `with`
+  block, sampled every `interval` seconds (the process' own peak also counts what ran before)."""
 
-  def __init__(self, interval=0.02):
-    self.interval, self.peak_bytes = interval, 0
+  def __init__(self, interval=0.02, pid='self'):
+    self.interval, self.pid, self.peak_bytes = interval, pid, 0
     self._done = threading.Event()
 
-  @staticmethod
-  def current_bytes():
-    with open('/proc/self/statm') as f:
-      return int(f.read().split()[1]) * resource.getpagesize()
+  def current_bytes(self):
+    return _status_bytes('VmRSS', self.pid) or 0
 
   def _sample(self):
     while not self._done.wait(self.interval):
