@@ -248,9 +248,13 @@ def in_own_process(job, name, config, options, devices=()):
   process.start()
   while process.is_alive() or not results.empty():
     try:
-      return results.get(timeout=1.)
+      figures = results.get(timeout=1.)
     except queue.Empty:
       continue
+    # Its exit (freeing gigabytes, stopping TF) must not overlap the next measurement: a
+    # process still exiting made the next one's first step twice as long.
+    process.join()
+    return figures
   raise RuntimeError(f'Measuring {name} ({job}) failed in its own process (exit code '
                      f'{process.exitcode}); its traceback is above.')
 

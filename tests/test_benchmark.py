@@ -149,3 +149,17 @@ def test_benchmark_replicas_need_the_devices():
     assert result['code'] == 2
     assert result['err'].strip().endswith('--replicas=3 needs 3 devices, this machine has 2; on '
                                           'a CPU, add --cpu_devices=3.')
+
+
+def test_each_measurement_process_has_exited_before_the_next_starts():
+  import os
+  from absl.testing import flagsaver
+  from launch import benchmark as command
+  config = rn.RealNVPConfig((8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
+  with flagsaver.flagsaver():
+    command.FLAGS([sys.argv[0]])
+    figures = command.in_own_process('measure', 'tiny', config, benchmark.Options(8, 1))
+  assert figures['process_id'] != os.getpid() and figures['train_images_per_second'] > 0
+  # Gone, not still exiting (its exit overlapped the next measurement's first step).
+  with pytest.raises(ProcessLookupError):
+    os.kill(figures['process_id'], 0)
