@@ -264,7 +264,11 @@ def main(argv):
   common.check_output_file(FLAGS.output, 'output')  # before minutes of measuring
   if FLAGS.peer_bench and not os.path.isfile(FLAGS.peer_bench):
     raise common.RunError(f'--peer_bench={FLAGS.peer_bench}: no such file.')
-  if FLAGS.intra_op_threads:  # all three before TF's runtime starts
+  # This process only starts measurements: it must not take the GPUs' memory from them (TF takes
+  # nearly all of it in each process that starts a GPU), so it grows its own as needed.
+  for gpu in tf.config.list_physical_devices('GPU'):
+    tf.config.experimental.set_memory_growth(gpu, True)
+  if FLAGS.intra_op_threads:  # all four before TF's runtime starts
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
   if FLAGS.inter_op_threads:
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
