@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from conftest import randomize
 import tfp_realnvp as rn
+from tfp_realnvp import training
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +70,7 @@ def test_mirrored_strategy_gives_the_single_device_loss():
   randomize(reference.flow_layers, seed=2, scale=0.1, variance=(0.8, 1.2))
   weights = reference.get_weights()
   one = _train_and_evaluate(tf.distribute.OneDeviceStrategy(devices[0].name), weights, train, test)
-  two = _train_and_evaluate(tf.distribute.MirroredStrategy([d.name for d in devices]), weights,
+  two = _train_and_evaluate(training.mirrored_strategy([d.name for d in devices]), weights,
                             train, test)
   for key in ('loss', 'bits_per_dim'):
     np.testing.assert_allclose(two[0][key], one[0][key], rtol=1e-4)
@@ -91,7 +92,7 @@ def test_unsynchronized_batch_norm_takes_each_replicas_batch_without_collectives
     whole = reference(images, training=True).numpy()
     halves = np.concatenate([reference(images[:8], training=True).numpy(),
                              reference(images[8:], training=True).numpy()])
-    strategy = tf.distribute.MirroredStrategy(devices)
+    strategy = training.mirrored_strategy(devices)
     with strategy.scope():
       model = rn.RealNVP(config)
       model.set_weights(reference.get_weights())
@@ -109,3 +110,15 @@ def test_unsynchronized_batch_norm_takes_each_replicas_batch_without_collectives
   np.testing.assert_allclose(unsynced, halves, rtol=1e-5)  # each replica's own
   assert np.abs(unsynced - whole).max() > 1e-3  # and that is a different loss
   assert collectives == {'gradient': 1, 'batch_norm': 0, 'other': 0}
+
+
+def test_strategies_in_one_process_do_not_share_collective_keys():
+  # With tf.distribute.MirroredStrategy itself, the second or third strategy fails: 'Shape
+  # mismatch in the collective instance 100'.
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  for channels in (3, 2, 5):  # each strategy's first all-reduce, of another shape each time
+    strategy = training.mirrored_strategy(devices)
+    run = tf.function(lambda: strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.ones([channels]))))
+    for total in strategy.experimental_local_results(run()):
+      np.testing.assert_array_equal(total, np.full([channels], 2.))

@@ -25,7 +25,7 @@ from tfp_realnvp.bijectors.affine_coupling import AffineCoupling
 from tfp_realnvp.data import Data, evaluation_batches, training_batches
 from tfp_realnvp.model import RealNVP
 from tfp_realnvp.optimizers import GRADIENT_ALL_REDUCE
-from tfp_realnvp.training import evaluate_bits_per_dim
+from tfp_realnvp.training import evaluate_bits_per_dim, mirrored_strategy
 
 
 def _status_bytes(field, pid='self'):
@@ -362,7 +362,7 @@ def replica_scaling(config, devices, options=Options(), report=print):
   batch = next(iter(training_batches(data, b, seed=0)))
   rows = []
   for replicas in sorted({1, len(devices)}):
-    strategy = tf.distribute.MirroredStrategy(devices[:replicas])
+    strategy = mirrored_strategy(devices[:replicas])
     with strategy.scope():
       model = RealNVP(config)
       model.compile()
