@@ -5,7 +5,7 @@ from keras.src.backend.common.variables import AutocastScope
 from keras import ops
 import tensorflow as tf
 
-from tfp_realnvp.bijectors.batch_norm import moving_average, synchronized_moments
+from tfp_realnvp.bijectors.batch_norm import moving_average, one_replica, synchronized_moments
 
 EPSILON = 1e-4  # the networks' batch norm
 
@@ -72,14 +72,9 @@ def _assign(variables, values):
       variable.assign(value)
 
 
-def _one_replica():
-  context = tf.distribute.get_replica_context()
-  return context is None or context.num_replicas_in_sync == 1
-
-
 def _local(synchronized):
   """Whether batch statistics are of this replica's batch alone (no collective ops)."""
-  return not synchronized or _one_replica()
+  return not synchronized or one_replica()
 
 
 # Whether, in training on one replica, each batch norm -> ReLU -> convolution keeps only its

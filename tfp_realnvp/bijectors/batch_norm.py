@@ -50,6 +50,12 @@ def moving_average(moving, batch, momentum, count):
   return moving + weight * (batch - moving)
 
 
+def one_replica():
+  """Whether this runs outside any strategy's replicas or on a single one."""
+  context = tf.distribute.get_replica_context()
+  return context is None or context.num_replicas_in_sync == 1
+
+
 def synchronized_moments(x, with_count=False, synchronized=True):
   """Per-channel mean and variance of `[N, H, W, C]` over every replica's batch, in two passes
   (E[x^2] - E[x]^2 cancels badly in float32 when the mean is large); with `with_count`, also the
@@ -60,16 +66,16 @@ def synchronized_moments(x, with_count=False, synchronized=True):
   deviations) and two backward (their gradients), however many channels.
   """
   context = tf.distribute.get_replica_context()
-  one_replica = not synchronized or context is None or context.num_replicas_in_sync == 1
+  local = not synchronized or one_replica()
   count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
   sums = tf.reduce_sum(x, axis=[0, 1, 2])
-  if not one_replica:  # the count travels with the sums: one all-reduce
+  if not local:  # the count travels with the sums: one all-reduce
     packed = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([sums, count[None]], 0))
     sums, count = packed[:-1], tf.stop_gradient(packed[-1])
   divisor = tf.maximum(count, 1.)
   mean = sums / divisor
   squares = tf.reduce_sum(tf.square(x - mean), axis=[0, 1, 2])
-  if not one_replica:
+  if not local:
     squares = context.all_reduce(tf.distribute.ReduceOp.SUM, squares)
   variance = squares / divisor
   return (mean, variance, count) if with_count else (mean, variance)
