@@ -184,6 +184,17 @@ def test_train_step_clips_the_global_gradient_norm():
   assert step == pytest.approx(1e-3, rel=1e-3)  # SGD at rate 1: the clipped gradient itself
 
 
+def test_train_step_builds_the_l2_decay_once():
+  model = rn.RealNVP(TINY)
+  model.compile()
+  calls, penalized = [], [w for w in model.weights if w.regularizer is not None]
+  for weight in penalized:
+    weight.regularizer = lambda x, r=weight.regularizer: calls.append(1) or r(x)
+  images = np.random.default_rng(0).integers(0, 256, [8, *TINY.image_shape], dtype=np.uint8)
+  tf.function(model.train_step).get_concrete_function(tf.constant(images))
+  assert penalized and len(calls) == len(penalized)  # `if self.losses:` built them twice
+
+
 def test_optimizer_defaults_follow_the_paper():
   model = _tiny_model()
   model.compile()

@@ -52,6 +52,45 @@ def test_fused_adam_is_adam():
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
 
 
+def test_fused_adam_casts_its_step_constants_once_per_dtype_not_per_variable():
+  def casts(count):
+    variables = [keras.Variable(np.ones([2], 'float32')) for _ in range(count)]
+    optimizer = optimizers.Adam(0.1)
+    optimizer.build(variables)
+    graph = tf.function(lambda: optimizer.apply_gradients(
+        [(tf.ones([2]), v) for v in variables])).get_concrete_function().graph
+    return sum(op.type == 'Cast' for op in graph.get_operations())
+  assert casts(2) == casts(12)  # a cast per variable made Casts 6 per variable
+
+
+@pytest.mark.parametrize('sparse', [False, True])
+def test_clipping_scales_every_gradient_by_the_global_norm(sparse):
+  variables = [keras.Variable(np.zeros([4], 'float32')), keras.Variable(np.zeros([3], 'float32'))]
+  optimizer = optimizers.clip_after_all_reduce(keras.optimizers.SGD(1.), clipnorm=2.)
+  first = np.array([3., 0., 4., 0.], 'float32')
+  gradient = (tf.IndexedSlices(tf.constant([[3.], [4.]]), tf.constant([0, 2]), tf.constant([4, 1]))
+              if sparse else tf.constant(first))
+  if sparse:
+    variables[0] = keras.Variable(np.zeros([4, 1], 'float32'))
+    first = first[:, None]
+  optimizer.apply_gradients([(gradient, variables[0]), (tf.constant([0., 12., 0.]), variables[1])])
+  scale = 2. / 13.  # the global norm is sqrt(9 + 16 + 144) = 13
+  np.testing.assert_allclose(variables[0].numpy(), -scale * first, rtol=1e-6)
+  np.testing.assert_allclose(variables[1].numpy(), [0., -12. * scale, 0.], rtol=1e-6)
+  # A non-finite norm makes every gradient NaN (as tf.clip_by_global_norm), for the checks.
+  variable = keras.Variable(np.zeros([2], 'float32'))
+  optimizers.clip_after_all_reduce(keras.optimizers.SGD(1.), clipnorm=2.).apply_gradients(
+      [(tf.constant([np.inf, 1.]), variable)])
+  assert np.isnan(variable.numpy()).all()
+
+
+def test_l2_decay_is_keras_l2_and_serializes():
+  x = tf.constant(np.random.default_rng(0).normal(size=[3, 3, 4, 5]), tf.float32)
+  np.testing.assert_allclose(nets.L2(5e-5)(x), keras.regularizers.L2(5e-5)(x), rtol=1e-6)
+  restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(nets.L2(3e-4)))
+  assert isinstance(restored, nets.L2) and restored.l2 == 3e-4
+
+
 def test_fused_adam_refuses_amsgrad():
   with pytest.raises(ValueError, match='amsgrad'):
     optimizers.Adam(amsgrad=True)
@@ -146,9 +185,34 @@ def test_residual_blocks_of_one_shape_share_one_trace():
   net = nets.CouplingNet(channels=2, num_filters=7, num_blocks=3)  # 7 features: a new shape
   x = tf.zeros([2, 6, 6, 3])
   net.build(x.shape)
-  before = nets._residual_block_function.experimental_get_tracing_count()
+  before = nets._residual_block_traced.experimental_get_tracing_count()
   tf.function(lambda: net(x, training=True))()
-  assert nets._residual_block_function.experimental_get_tracing_count() == before + 1
+  assert nets._residual_block_traced.experimental_get_tracing_count() == before + 1
+
+
+def test_backward_calls_of_the_shared_block_function_get_no_constant_inputs():
+  # Constant inputs (zero gradients for the running averages' updates) made grappler specialize
+  # the shared backward function per call site: a copy optimized and instantiated per block.
+  net = nets.CouplingNet(channels=2, num_filters=4, num_blocks=2)
+  x = tf.random.normal([2, 4, 4, 2])
+  net.build(x.shape)
+
+  @tf.function
+  def gradient(x):
+    with tf.GradientTape() as tape:
+      s, t = net(x, training=True)
+      loss = tf.reduce_sum(s) + tf.reduce_sum(t)
+    return tape.gradient(loss, net.trainable_weights)
+  graph = gradient.get_concrete_function(x).graph
+  calls = [op for op in graph.get_operations() if op.type.endswith('PartitionedCall') and
+           op.get_attr('f').name.startswith('__inference___backward')]
+  assert len(calls) == 2  # one per block
+  for call in calls:
+    assert not [i.op.type for i in call.inputs if i.op.type == 'Const']
+  # The running averages are still updated (they leave the function as bits).
+  before = net.blocks[0].norm1.moving_mean.numpy().copy()
+  gradient(tf.identity(x))
+  assert not np.allclose(before, net.blocks[0].norm1.moving_mean.numpy())
 
 
 def _unit_inputs(dtype, seed=0, channels=5):

@@ -265,8 +265,9 @@ class RealNVP(keras.Model):
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
     """Mean bits/dim of the batch plus the L2 decay, scaled for the replicas' gradient sum."""
     loss = tf.reduce_mean(y_pred)
-    if self.losses:
-      loss += tf.add_n(self.losses)
+    decay = self.losses  # each access builds them: once
+    if decay:
+      loss += tf.add_n(decay)
     # Replicas' gradients are summed; Keras unscales the reported loss the same way.
     return loss / tf.distribute.get_strategy().num_replicas_in_sync
 
