@@ -7,8 +7,9 @@ import tensorflow as tf
 import bijector_test_util as btu
 from conftest import TOLERANCE, log_det_by_autodiff, randomize
 from tfp_realnvp import CouplingNet
-from tfp_realnvp.bijectors import (AffineCoupling, BatchNorm, BatchStatistics, FactorOut, Inverted,
-                                   Logit, Sequential, Squeeze, channel_mask, checkerboard)
+from tfp_realnvp.bijectors import (ActNorm, ActNormParameters, AffineCoupling, BatchNorm,
+                                   BatchStatistics, FactorOut, Invertible1x1Conv, Inverted, Logit,
+                                   LUWeights, Sequential, Squeeze, channel_mask, checkerboard)
 
 SHAPE = (4, 4, 2)
 
@@ -28,6 +29,18 @@ def _batch_norm(dtype, shape=SHAPE, seed=0):
   norm.forward(tf.zeros([1, *shape], dtype))
   randomize(norm.keras_layers, seed)
   return norm
+
+
+def _glow_layer(kind, dtype, shape=SHAPE, seed=0):
+  """ActNorm or the invertible 1x1 convolution with random trainable weights (the 1x1
+  convolution's permutation and signs stay as initialised)."""
+  layer = (ActNorm(ActNormParameters(dtype=dtype.name), shape, dtype=dtype) if kind == 'actnorm'
+           else Invertible1x1Conv(LUWeights(seed=seed, dtype=dtype.name), shape, dtype=dtype))
+  layer.forward(tf.zeros([1, *shape], dtype))
+  rng = np.random.default_rng(seed)
+  for w in layer.keras_layers[0].trainable_weights:
+    w.assign(rng.normal(0., 0.3, w.shape).astype(w.dtype))
+  return layer
 
 
 def _check_bijector(bijector, x, dtype, atol_round_trip=None):
@@ -69,6 +82,9 @@ BIJECTORS = {
                               (-3., 3.)),
     'channel_coupling': (lambda dtype: _coupling('channel', 0, dtype), (-3., 3.), (-3., 3.)),
     'batch_norm': (_batch_norm, (-3., 3.), (-3., 3.)),
+    'actnorm': (lambda dtype: _glow_layer('actnorm', dtype), (-3., 3.), (-3., 3.)),
+    'invertible_1x1_conv': (lambda dtype: _glow_layer('1x1_conv', dtype, seed=1), (-3., 3.),
+                            (-3., 3.)),
     'logit': (lambda dtype: Logit(SHAPE, dtype=dtype, validate_args=True), (-14., 270.),
               (-6., 6.)),
     'squeeze': (lambda dtype: Squeeze(SHAPE, dtype=dtype), (-3., 3.), (-3., 3.)),
