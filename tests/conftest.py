@@ -19,6 +19,8 @@ def randomize(layers, seed=0, scale=0.3, variance=(0.5, 2.0)):
   rng = np.random.default_rng(seed)
   for layer in layers:
     for w in layer.weights:
+      if w.path.endswith(('/permutation', '/sign_s')):  # fixed parts of a 1x1 convolution's LU
+        continue
       if 'variance' in w.path:
         value = rng.uniform(*variance, w.shape)
       elif 'moving_mean' in w.path:

@@ -68,9 +68,14 @@ print(json.dumps(out))
 '''
 
 
-@pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-  model = rn.RealNVP(CONFIG)
+@pytest.fixture(scope='module', params=['paper', 'glow_layers'])
+def exported(tmp_path_factory, request):
+  # The paper's layers, and Glow's (ActNorm, invertible 1x1 convolutions, Glow's layout and
+  # networks): served alike without this package or TFP.
+  config = CONFIG if request.param == 'paper' else CONFIG.replace(
+      normalization='actnorm', mixing='1x1_conv', layout='glow', steps_per_scale=2,
+      network='glow')
+  model = rn.RealNVP(config)
   randomize(model.flow_layers, seed=0, scale=0.1, variance=(0.8, 1.2))
   path = str(tmp_path_factory.mktemp('export') / 'model')
   assert rn.export_saved_model(model, path) == path

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TOLERANCE, randomize
+from conftest import TOLERANCE, log_det_by_autodiff, randomize
+import tfp_realnvp as rn
 from tfp_realnvp import training
 from tfp_realnvp.bijectors import (ActNorm, ActNormParameters, Invertible1x1Conv, LUWeights,
                                    data_dependent_init)
@@ -104,3 +105,98 @@ def test_invertible_1x1_conv_is_lu_of_a_rotation_and_inverts_by_triangular_solve
   np.testing.assert_allclose(x_back, x, atol=TOLERANCE[dtype] * 100)
   np.testing.assert_allclose(np.einsum('nhwc,cd->nhwd', y.numpy(), np.linalg.inv(w)), x_back,
                              atol=TOLERANCE[dtype] * 100)
+
+
+GLOW_OPTIONS = {
+    'actnorm': dict(normalization='actnorm'),
+    '1x1_conv': dict(mixing='1x1_conv'),
+    'glow': dict(normalization='actnorm', mixing='1x1_conv', layout='glow', steps_per_scale=2,
+                 network='glow'),
+}
+TINY = rn.RealNVPConfig((8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
+
+
+def _images(count=16, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, [count, 8, 8, 1], dtype=np.uint8)
+
+
+@pytest.mark.parametrize('name', sorted(GLOW_OPTIONS))
+def test_models_with_glows_layers_are_exact_flows(name):
+  model = rn.RealNVP(TINY.replace(dtype='float64', **GLOW_OPTIONS[name]))
+  randomize(model.flow_layers, seed=1, scale=0.1, variance=(0.8, 1.2))
+  x = tf.random.stateless_uniform([2, 8, 8, 1], [0, 1], 1., 255., tf.float64)
+  latent, log_det = model.flow.forward_and_log_det(x)
+  np.testing.assert_allclose(log_det, log_det_by_autodiff(model.encode, x), rtol=1e-8)
+  np.testing.assert_allclose(model.decode(latent), x, rtol=1e-9)
+  np.testing.assert_allclose(model.log_prob(x), model.distribution.log_prob(tf.identity(x)),
+                             rtol=1e-12)
+  kinds = {type(b).__name__ for b in _all_bijectors(model.flow)}
+  assert ('ActNorm' in kinds) == (model.config.normalization == 'actnorm')
+  assert ('BatchNorm' in kinds) == (model.config.normalization == 'batch_norm')
+  assert ('Invertible1x1Conv' in kinds) == (model.config.mixing == '1x1_conv')
+
+
+def _all_bijectors(bijector):
+  yield bijector
+  for part in bijector.parts:
+    yield from _all_bijectors(part)
+
+
+def test_fit_sets_actnorm_from_its_first_batch_then_never_again(tmp_path):
+  model = rn.RealNVP(TINY.replace(normalization='actnorm'))
+  model.compile()
+  assert model.needs_data_initialization()
+  images = _images()
+  dataset = tf.data.Dataset.from_tensor_slices(images).batch(8)
+  model.fit(dataset, epochs=1, verbose=0)
+  assert not model.needs_data_initialization()
+  # Resumed from a checkpoint, the flag comes back: fit does not initialise again.
+  training.Checkpointer(str(tmp_path), model).save()
+  clone = rn.RealNVP(model.config)
+  clone.compile()
+  training.Checkpointer(str(tmp_path), clone).restore_latest()
+  assert not clone.needs_data_initialization()
+  clone.initialize_from_data = None  # would fail if called
+  clone.fit(dataset, epochs=1, verbose=0)
+
+
+def test_actnorm_in_the_model_starts_from_the_global_batchs_statistics():
+  # The first coupling is the identity at initialisation (zero output convolution), so the
+  # first ActNorm sees the logit of the pixels: its bias is minus their mean per channel, over
+  # both replicas' halves of the batch.
+  pixels = tf.random.stateless_uniform([8, 8, 8, 1], [3, 4], 0., 256.) * tf.linspace(
+      0.2, 1., 8)[:, None, None, None]  # the halves differ
+  strategy = training.mirrored_strategy(['/cpu:0', '/cpu:1'])
+  with strategy.scope():
+    model = rn.RealNVP(TINY.replace(normalization='actnorm'))
+  model.initialize_from_data(pixels)
+  first = next(b for b in _all_bijectors(model.flow) if type(b).__name__ == 'ActNorm')
+  logits = model.flow.bijectors[0].forward(pixels)
+  expected = -tf.reduce_mean(logits, [0, 1, 2])
+  params = first.keras_layers[0]
+  for bias in strategy.experimental_local_results(params.bias.value):
+    np.testing.assert_allclose(bias, expected, rtol=1e-5)
+  assert not model.needs_data_initialization()
+
+
+def test_configs_written_before_glows_options_load_as_the_paper():
+  old = {k: v for k, v in TINY.to_dict().items()
+         if k not in ('normalization', 'mixing', 'layout', 'steps_per_scale', 'network')}
+  config = rn.RealNVPConfig.from_dict(old)
+  assert (config.normalization, config.mixing, config.layout, config.network) == (
+      'batch_norm', 'none', 'real_nvp', 'resnet')
+
+
+def test_glow_preset_is_glows_cifar10_architecture():
+  config = rn.presets.get('glow')
+  assert (config.image_shape, config.num_scales, config.steps_per_scale, config.num_filters) == (
+      (32, 32, 3), 3, 32, 512)
+  assert (config.normalization, config.mixing, config.layout, config.network) == (
+      'actnorm', '1x1_conv', 'glow', 'glow')
+  # The same layout, small: 3 levels of squeeze and couplings on 16x16x12, 8x8x24, 4x4x48.
+  model = rn.RealNVP(config.replace(steps_per_scale=2, num_filters=8))
+  shapes = [tuple(b.event_shape_in) for b in _all_bijectors(model.flow)
+            if type(b).__name__ == 'AffineCoupling']
+  assert shapes == [(16, 16, 12)] * 2 + [(8, 8, 24)] * 2 + [(4, 4, 48)] * 2
+  with pytest.raises(rn.presets.ConfigError, match='multiples of 8'):
+    rn.RealNVPConfig((28, 28, 1), num_scales=3, layout='glow')

@@ -8,7 +8,9 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_realnvp import optimizers, presets
+from tfp_realnvp.bijectors.actnorm import ActNorm, ActNormParameters, data_dependent_init
 from tfp_realnvp.bijectors.batch_norm import BatchStatistics
+from tfp_realnvp.bijectors.invertible_conv import Invertible1x1Conv, LUWeights
 from tfp_realnvp.bijectors.multiscale import multiscale_flow
 from tfp_realnvp.distribution import FlowDistribution
 from tfp_realnvp.nets import CouplingNet
@@ -37,6 +39,20 @@ def _for_keras_reduction(metrics):
   if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
     return {name: tf.reshape(value, [1]) for name, value in metrics.items()}
   return metrics
+
+
+def _first_images(x, batch_size):
+  """The images of `fit`'s first batch of `x` (a dataset or iterable of batches, images first
+  when they come with labels; or an array of images, `batch_size` (Keras: 32) of them)."""
+  if hasattr(x, 'shape') and not isinstance(x, tf.data.Dataset):
+    return x[:batch_size or 32]
+  try:
+    first = next(iter(x))
+  except (TypeError, StopIteration) as e:
+    raise ValueError(f'RealNVP.fit: cannot take a first batch of images from {type(x).__name__} '
+                     'to initialise ActNorm from; call model.initialize_from_data(images) first.'
+                     ) from e
+  return keras.utils.unpack_x_y_sample_weight(first)[0]
 
 
 @keras.saving.register_keras_serializable(package='tfp_realnvp')
@@ -92,7 +108,10 @@ class RealNVP(keras.Model):
     self.flow = multiscale_flow(
         config.image_shape, config.num_scales, self._coupling_network, self._batch_statistics,
         alpha=config.alpha, batch_norm_epsilon=config.batch_norm_epsilon,
-        validate_args=config.validate_args, dtype=config.dtype)
+        validate_args=config.validate_args, dtype=config.dtype,
+        normalization=self._actnorm if config.normalization == 'actnorm' else None,
+        mixing=self._invertible_1x1_conv if config.mixing == '1x1_conv' else None,
+        layout=config.layout, steps_per_scale=config.steps_per_scale)
     # Keras does not look inside the bijector (a tf.Module): this list makes the model own them.
     self.flow_layers = self.flow.keras_layers
     dtype = tf.as_dtype(config.dtype)
@@ -104,16 +123,59 @@ class RealNVP(keras.Model):
     self(tf.fill([1, *config.image_shape], tf.constant(128., dtype)))  # creates every variable
 
   def _coupling_network(self, event_shape, scale, kind):
-    filters = self.config.num_filters * 2 ** scale * (2 if kind == 'channel' else 1)
+    filters = self.config.num_filters
+    if self.config.layout == 'real_nvp':  # the paper doubles them per scale, and for channels
+      filters *= 2 ** scale * (2 if kind == 'channel' else 1)
     policy = (f'mixed_{self.config.compute_dtype}' if self.config.compute_dtype
               else self.config.dtype)
     return CouplingNet(event_shape[-1], filters, self.config.num_blocks, l2=self.config.l2,
                        momentum=self.config.batch_norm_momentum, recompute=self.config.recompute,
-                       synchronized=self.config.sync_batch_norm, dtype=policy)
+                       synchronized=self.config.sync_batch_norm, kind=self.config.network,
+                       dtype=policy)
 
   def _batch_statistics(self):
     return BatchStatistics(self.config.batch_norm_momentum, self.config.sync_batch_norm,
                            dtype=self.config.dtype)
+
+  def _actnorm(self, event_shape, name):
+    return ActNorm(ActNormParameters(dtype=self.config.dtype), event_shape,
+                   validate_args=self.config.validate_args, name=name, dtype=self.config.dtype)
+
+  def _invertible_1x1_conv(self, event_shape, name):
+    return Invertible1x1Conv(LUWeights(dtype=self.config.dtype), event_shape,
+                             validate_args=self.config.validate_args, name=name,
+                             dtype=self.config.dtype)
+
+  def needs_data_initialization(self):
+    """Whether some `ActNorm` has not been set from data yet (see `initialize_from_data`)."""
+    return any(not layer.initialized.numpy() for layer in self.flow_layers
+               if isinstance(layer, ActNormParameters))
+
+  def initialize_from_data(self, images):
+    """Glow's data-dependent initialisation: one training-mode pass over `images` (a global
+    batch) sets every `ActNorm` not yet set so that its output has zero mean and unit variance
+    per channel. Under the model's `tf.distribute` strategy the batch is split over the
+    replicas and the statistics are of the whole batch. `fit` calls it on its first batch when
+    `needs_data_initialization()`; a restored checkpoint keeps the flag, so a resumed run does
+    not initialise again. (The networks' batch-norm running averages see this batch too.)"""
+    images = tf.convert_to_tensor(images)
+    strategy = self.distribute_strategy
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(int(images.shape[0]))
+    options = tf.data.Options()  # every worker takes the whole batch (duplicates keep the moments)
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    batch = next(iter(strategy.experimental_distribute_dataset(dataset.with_options(options))))
+
+    def replica(images):
+      with data_dependent_init():
+        self(images, training=True)
+    tf.function(lambda batch: strategy.run(replica, args=(batch,)))(batch)
+
+  def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
+    """Keras `fit`; a model with `ActNorm` not yet set from data is first set from the first
+    batch of `x` (`initialize_from_data`)."""
+    if self.needs_data_initialization():
+      self.initialize_from_data(_first_images(x, batch_size))
+    return super().fit(x, y, batch_size, *args, **kwargs)
 
   @property
   def image_shape(self):

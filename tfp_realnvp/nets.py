@@ -304,7 +304,8 @@ class CouplingNet(keras.layers.Layer):
   """Real NVP's s/t network: `(s, t)` for an affine coupling on `channels` channels.
 
   conv 3x3 -> `num_blocks` residual blocks -> bn, relu -> zero-initialised conv 3x3 to 2C
-  channels, split into `raw_s` and `t`; `s = scale * tanh(raw_s)` with a learned per-channel
+  channels, split into `raw_s` and `t` (`kind='glow'`: Glow's network, the residual blocks
+  replaced by one bn, relu -> conv 1x1 of `num_filters`); `s = scale * tanh(raw_s)` with a learned per-channel
   `scale` (starting at 1; L2 decay like the weight-norm `g`s). The zero start makes the coupling
   the identity at initialisation. Returns `(s, t)` in float32 whatever the layer's compute dtype.
 
@@ -314,22 +315,27 @@ class CouplingNet(keras.layers.Layer):
   """
 
   def __init__(self, channels, num_filters, num_blocks, l2=0., momentum=0.9, recompute=False,
-               synchronized=True, **kwargs):
+               synchronized=True, kind='resnet', **kwargs):
     super().__init__(**kwargs)
+    if kind not in ('resnet', 'glow'):
+      raise ValueError(f'CouplingNet: kind must be resnet or glow, got {kind!r}.')
     self.channels, self.num_filters, self.num_blocks = channels, num_filters, num_blocks
     self.l2, self.momentum, self.recompute = l2, momentum, recompute
-    self.synchronized = synchronized
+    self.synchronized, self.kind = synchronized, kind
     policy = self.dtype_policy
     self.conv_in = WeightNormConv2D(num_filters, 3, l2, dtype=policy)
     self.blocks = [ResidualBlock(num_filters, l2, momentum, synchronized, dtype=policy)
-                   for _ in range(num_blocks)]
+                   for _ in range(num_blocks if kind == 'resnet' else 0)]
+    # Glow's hidden layer: bn, relu -> conv 1x1 (kind='glow')
+    self.hidden = ([BatchNormalization(momentum, EPSILON, synchronized, dtype=policy),
+                    WeightNormConv2D(num_filters, 1, l2, dtype=policy)] if kind == 'glow' else [])
     self.norm_out = BatchNormalization(momentum, EPSILON, synchronized, dtype=policy)
     self.conv_out = WeightNormConv2D(2 * channels, 3, l2, zero_init=True, dtype=policy)
 
   def build(self, input_shape):
     features = (*input_shape[:-1], self.num_filters)
     self.conv_in.build(input_shape)
-    for layer in (*self.blocks, self.norm_out, self.conv_out):
+    for layer in (*self.blocks, *self.hidden, self.norm_out, self.conv_out):
       layer.build(features)
     self.scale = self.add_weight(shape=(self.channels,), name='scale', initializer='ones',
                                  regularizer=L2(self.l2) if self.l2 else None,
@@ -339,12 +345,13 @@ class CouplingNet(keras.layers.Layer):
   def convolution_layers(self):
     """Every `WeightNormConv2D`, in the order they run."""
     return [self.conv_in, *(conv for b in self.blocks for conv in (b.conv1, b.conv2)),
-            self.conv_out]
+            *self.hidden[1:], self.conv_out]
 
   def call(self, x, training=False):
     with AutocastScope(None):  # the output convolution (s and t) runs in the variables' dtype
       conv_out = self.conv_out.weights_for_call
     weights = [self.conv_in.weights_for_call, [b.weights_for_call for b in self.blocks],
+               [layer.weights_for_call for layer in self.hidden],
                self.norm_out.weights_for_call, conv_out, _tensors(self.scale)[0]]
     training = bool(training)
 
@@ -354,18 +361,23 @@ class CouplingNet(keras.layers.Layer):
       forward = tf.recompute_grad(forward)
     s, t, *updated = forward(x, *tf.nest.flatten(weights))
     _assign([v for b in self.blocks for v in b.moving_variables] +
+            [v for layer in self.hidden[:1] for v in (layer.moving_mean, layer.moving_variance)] +
             [self.norm_out.moving_mean, self.norm_out.moving_variance], updated)
     return s, t
 
   def _forward(self, x, weights, training):
     """`(s, t, *updated running averages)` from the weights, with no side effects (so the
     backward pass may run it again)."""
-    conv_in, blocks, norm_out, conv_out, scale = weights
+    conv_in, blocks, hidden, norm_out, conv_out, scale = weights
     h, updated = weight_norm_conv(x, *conv_in), ()
     for block in blocks:
       h, block_updated = _block_function(self.synchronized)(
           h, *block, training, self.momentum, EPSILON, self.synchronized)
       updated += block_updated
+    if hidden:
+      h, hidden_updated = bn_relu_conv(h, *hidden, training, self.momentum, EPSILON,
+                                       synchronized=self.synchronized)
+      updated += hidden_updated
     # Under mixed precision, s and t come from a float32 convolution: their rounding would
     # otherwise enter the log-det and the latent directly (a small share of the FLOPs).
     h, out_updated = bn_relu_conv(h, norm_out, conv_out, training, self.momentum, EPSILON,
@@ -376,5 +388,5 @@ class CouplingNet(keras.layers.Layer):
   def get_config(self):
     return {**super().get_config(), 'channels': self.channels, 'num_filters': self.num_filters,
             'num_blocks': self.num_blocks, 'l2': self.l2, 'momentum': self.momentum,
-            'synchronized': self.synchronized,
+            'synchronized': self.synchronized, 'kind': self.kind,
             'recompute': self.recompute}

@@ -18,13 +18,14 @@ class ConfigError(ValueError):
 
 
 def _field(default, kind, help, *, low=None, high=None, low_ok=True, high_ok=False, choices=None,
-           flag=True):
+           flag=True, added=False):
   """A config field with what the launcher and the checks need: `kind` (ARCHITECTURE or RUN),
   `help`, numeric bounds (`low`/`high`, each included or not), `choices`, and the flag's name
-  (`flag=True`: the field's own; a string: another; False: no flag)."""
+  (`flag=True`: the field's own; a string: another; False: no flag). `added`: an architecture
+  field that configs written before it existed lack; their models had its default."""
   return dataclasses.field(default=default, metadata=dict(
       kind=kind, help=help, low=low, high=high, low_ok=low_ok, high_ok=high_ok, choices=choices,
-      flag=flag))
+      flag=flag, added=added))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,10 @@ class RealNVPConfig:
   """Everything that defines a Real NVP model and how it runs (see each field's `help`).
 
   Architecture (a checkpoint's shapes and meaning depend on these): `image_shape`, `num_scales`,
-  `num_blocks`, `num_filters`, `alpha`, `batch_norm_epsilon`, `dtype`.
+  `num_blocks`, `num_filters`, `alpha`, `batch_norm_epsilon`, `normalization`, `mixing`,
+  `layout`, `steps_per_scale`, `network`, `dtype`. The defaults are the paper's; Glow's layers
+  are options (`normalization='actnorm'`, `mixing='1x1_conv'`, `layout='glow'`,
+  `network='glow'`; the `glow` preset has them all).
   Run settings (may change between runs of the same model): `batch_norm_momentum`, `l2`,
   `learning_rate`, `clipnorm`, `compute_dtype`, `validate_args`, `recompute`,
   `sync_batch_norm`.
@@ -55,6 +59,23 @@ class RealNVPConfig:
                                 low_ok=False)
   clipnorm: float = _field(100., RUN, 'Global-norm gradient clipping (0: none).', low=0.,
                            high=math.inf)
+  normalization: str = _field('batch_norm', ARCHITECTURE, 'The flow layer after each coupling: '
+                              'batch_norm (Real NVP) or actnorm (Glow: a learned per-channel '
+                              'affine map, set from the first training batch).',
+                              choices=('batch_norm', 'actnorm'), added=True)
+  mixing: str = _field('none', ARCHITECTURE, 'Channel mixing before each coupling: none (Real '
+                       'NVP) or 1x1_conv (Glow\'s invertible 1x1 convolution, in LU form).',
+                       choices=('none', '1x1_conv'), added=True)
+  layout: str = _field('real_nvp', ARCHITECTURE, 'Scales: real_nvp (3 checkerboard couplings, '
+                       'squeeze, 3 channel couplings, factor out half; 4 checkerboard couplings '
+                       'last; features double per scale) or glow (squeeze, steps_per_scale '
+                       'channel couplings, factor out half; the same features at every scale).',
+                       choices=('real_nvp', 'glow'), added=True)
+  steps_per_scale: int = _field(32, ARCHITECTURE, 'Couplings per scale in the glow layout.',
+                                low=1, added=True)
+  network: str = _field('resnet', ARCHITECTURE, 'The coupling networks: resnet (Real NVP: '
+                        'num_blocks residual blocks) or glow (conv 3x3, conv 1x1, conv 3x3; '
+                        'num_blocks unused).', choices=('resnet', 'glow'), added=True)
   dtype: str = _field('float32', ARCHITECTURE, 'dtype of the flow and its variables.',
                       choices=('float32', 'float64'), flag=False)
   compute_dtype: str = _field(None, RUN, 'Mixed precision inside the coupling networks only '
@@ -80,11 +101,12 @@ class RealNVPConfig:
       if field.name != 'image_shape':
         check_field(field.name, getattr(self, field.name))
     height, width, _ = self.image_shape
-    factor = 2 ** (self.num_scales - 1)
+    squeezes = self.num_scales - (self.layout == 'real_nvp')  # glow squeezes at every scale
+    factor = 2 ** squeezes
     if height % factor or width % factor:
-      raise ConfigError(f'An image of {height}x{width} cannot be squeezed {self.num_scales - 1} '
-                        f'times (num_scales={self.num_scales}): height and width must be '
-                        f'multiples of {factor}; lower num_scales.')
+      raise ConfigError(f'An image of {height}x{width} cannot be squeezed {squeezes} '
+                        f'times (num_scales={self.num_scales}, layout={self.layout}): height and '
+                        f'width must be multiples of {factor}; lower num_scales.')
 
   def replace(self, **overrides):
     unknown = set(overrides) - set(FIELDS)
@@ -111,7 +133,8 @@ class RealNVPConfig:
       raise ConfigError(f'{what}: unknown RealNVPConfig fields {unknown} (known: '
                         f'{", ".join(FIELDS)}).')
     required = [name for name, f in FIELDS.items()
-                if f.metadata['kind'] == ARCHITECTURE and name not in values]
+                if f.metadata['kind'] == ARCHITECTURE and not f.metadata['added'] and
+                name not in values]
     if required:
       raise ConfigError(f'{what}: missing RealNVPConfig fields {required}.')
     return cls(**values)
@@ -164,6 +187,10 @@ PRESETS = {
     # MNIST (not in the paper): 28 -> 14 -> 7, so 3 scales with the final 4 checkerboard
     # couplings on 7x7x4; 4 blocks of 32 features, the ImageNet 32x32 network size.
     'mnist': RealNVPConfig((28, 28, 1), num_scales=3, num_blocks=4, num_filters=32),
+    # Glow's CIFAR-10 architecture (Kingma & Dhariwal, 2018): 3 levels of 32 steps (ActNorm,
+    # invertible 1x1 convolution, affine coupling), 512-feature networks (conv 3x3, 1x1, 3x3).
+    'glow': RealNVPConfig((32, 32, 3), num_scales=3, num_filters=512, normalization='actnorm',
+                          mixing='1x1_conv', layout='glow', steps_per_scale=32, network='glow'),
 }
 
 

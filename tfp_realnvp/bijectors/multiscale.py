@@ -48,31 +48,50 @@ class FactorOut(FlowBijector):
     return tf.concat([factored, rest], axis=-1), log_det
 
 
-def multiscale_flow(image_shape, num_scales, coupling_network, batch_statistics, alpha=0.05,
-                    batch_norm_epsilon=1e-4, validate_args=False, dtype=tf.float32):
+def multiscale_flow(image_shape, num_scales, coupling_network, batch_statistics=None, alpha=0.05,
+                    batch_norm_epsilon=1e-4, validate_args=False, dtype=tf.float32,
+                    normalization=None, mixing=None, layout='real_nvp', steps_per_scale=32):
   """The whole Real NVP bijector, pixels in `[0, 256)^(H, W, C)` to an image-shaped latent.
 
-  `Logit` preprocessing, then `num_scales` scales. Each scale but the last: 3 checkerboard
-  couplings (alternating parities), squeeze, 3 channel couplings (alternating halves), then the
-  first half of the channels is factored out and the rest goes through the next scale; the
-  result is un-squeezed, so the latent keeps the image's shape. The last scale: 4 checkerboard
-  couplings. Every coupling is followed by batch normalization.
+  `Logit` preprocessing, then `num_scales` scales. With `layout='real_nvp'` (the paper), each
+  scale but the last: 3 checkerboard couplings (alternating parities), squeeze, 3 channel
+  couplings (alternating halves), then the first half of the channels is factored out and the
+  rest goes through the next scale; the result is un-squeezed, so the latent keeps the image's
+  shape. The last scale: 4 checkerboard couplings. With `layout='glow'` (Glow), each scale:
+  squeeze, `steps_per_scale` channel couplings, factor out half (the last scale: squeeze and
+  the couplings). Every coupling is followed by a normalization (batch norm, or what
+  `normalization` makes) and preceded by `mixing`'s layer, if any.
 
   Args:
-    image_shape: `[H, W, C]`; H and W must stay even through the `num_scales - 1` squeezes.
-    num_scales: number of scales, the last (unsqueezed) one included.
+    image_shape: `[H, W, C]`; H and W must stay even through the squeezes.
+    num_scales: number of scales, the last one included.
     coupling_network: `fn(event_shape, scale, kind) -> keras layer` giving `(s, t)`; `scale` is
       0 for the finest scale and `kind` is 'checkerboard' or 'channel'.
-    batch_statistics: `fn() -> BatchStatistics` layer, one per batch-norm bijector.
+    batch_statistics: `fn() -> BatchStatistics` layer, one per batch-norm bijector (when
+      `normalization` is None).
+    normalization: `fn(event_shape, name) -> FlowBijector` after each coupling (e.g. `ActNorm`),
+      instead of batch norm.
+    mixing: `fn(event_shape, name) -> FlowBijector` before each coupling (e.g.
+      `Invertible1x1Conv`), or None (the paper: none).
   """
   height, width, _ = image_shape
   if num_scales < 1:
     raise ValueError(f'num_scales must be at least 1, got {num_scales}.')
-  if height % 2 ** (num_scales - 1) or width % 2 ** (num_scales - 1):
-    raise ValueError(f'An image of {height}x{width} cannot be squeezed {num_scales - 1} times '
-                     f'(num_scales={num_scales}): height and width must be multiples of '
-                     f'{2 ** (num_scales - 1)}.')
+  if layout not in ('real_nvp', 'glow'):
+    raise ValueError(f'layout must be real_nvp or glow, got {layout!r}.')
+  squeezes = num_scales - (layout == 'real_nvp')
+  if height % 2 ** squeezes or width % 2 ** squeezes:
+    raise ValueError(f'An image of {height}x{width} cannot be squeezed {squeezes} times '
+                     f'(num_scales={num_scales}, layout={layout}): height and width must be '
+                     f'multiples of {2 ** squeezes}.')
+  if normalization is None and batch_statistics is None:
+    raise ValueError('multiscale_flow needs batch_statistics or normalization.')
   common = dict(validate_args=validate_args, dtype=dtype)
+
+  def normalize(shape, name):
+    if normalization is not None:
+      return normalization(shape, name)
+    return BatchNorm(batch_statistics(), shape, epsilon=batch_norm_epsilon, name=name, **common)
 
   def coupling_steps(shape, scale, kind, count):
     steps = []
@@ -80,26 +99,30 @@ def multiscale_flow(image_shape, num_scales, coupling_network, batch_statistics,
       parity = i % 2
       mask = (checkerboard(shape[0], shape[1], parity) if kind == 'checkerboard'
               else channel_mask(shape[2], parity))
+      if mixing is not None:
+        steps.append(mixing(shape, f'mixing_s{scale}_{kind}{i}'))
       steps.append(AffineCoupling(mask, coupling_network(shape, scale, kind), shape,
                                   name=f'coupling_s{scale}_{kind}{i}', **common))
-      steps.append(BatchNorm(batch_statistics(), shape, epsilon=batch_norm_epsilon,
-                             name=f'batch_norm_s{scale}_{kind}{i}', **common))
+      steps.append(normalize(shape, f'{"batch_norm" if normalization is None else "norm"}'
+                                    f'_s{scale}_{kind}{i}'))
     return steps
 
   def scale_flow(shape, scale):
-    if scale == num_scales - 1:
-      return Sequential(coupling_steps(shape, scale, 'checkerboard', 4), name=f'scale{scale}')
     h, w, c = shape
+    last = scale == num_scales - 1
+    if layout == 'real_nvp' and last:
+      return Sequential(coupling_steps(shape, scale, 'checkerboard', 4), name=f'scale{scale}')
     squeeze = Squeeze(shape, name=f'squeeze{scale}', **common)
     squeezed = squeeze.event_shape_out
-    return Sequential([
-        *coupling_steps(shape, scale, 'checkerboard', 3),
-        squeeze,
-        *coupling_steps(squeezed, scale, 'channel', 3),
-        FactorOut(squeezed, scale_flow((h // 2, w // 2, 2 * c), scale + 1),
-                  validate_args=validate_args, name=f'factor_out{scale}'),
-        Inverted(squeeze, name=f'unsqueeze{scale}'),
-    ], name=f'scale{scale}')
+    if layout == 'real_nvp':
+      steps = [*coupling_steps(shape, scale, 'checkerboard', 3), squeeze,
+               *coupling_steps(squeezed, scale, 'channel', 3)]
+    else:
+      steps = [squeeze, *coupling_steps(squeezed, scale, 'channel', steps_per_scale)]
+    if not last:
+      steps.append(FactorOut(squeezed, scale_flow((h // 2, w // 2, 2 * c), scale + 1),
+                             validate_args=validate_args, name=f'factor_out{scale}'))
+    return Sequential([*steps, Inverted(squeeze, name=f'unsqueeze{scale}')], name=f'scale{scale}')
 
   image_shape = tuple(image_shape)
   return Sequential([Logit(image_shape, alpha=alpha, **common), scale_flow(image_shape, 0)],
