@@ -118,10 +118,22 @@ def test_progress_lines_report_the_mean_over_each_window():
 
 def test_run_settings_may_change_when_resuming_but_not_the_architecture(tmp_path):
   config = rn.presets.get('mnist')
+  glows = {'normalization', 'mixing', 'layout', 'steps_per_scale', 'network'}
   assert set(config.architecture()) == {'image_shape', 'num_scales', 'num_blocks', 'num_filters',
-                                        'alpha', 'batch_norm_epsilon', 'dtype'}
+                                        'alpha', 'batch_norm_epsilon', 'dtype', *glows}
   run = {'model': config.to_dict(), 'data': {'dataset': 'npz:a', 'data_dir': None,
                                              'image_size': None}, 'train': {}}
+  # A run from before Glow's options (its config.json lacks them) resumes as the paper's layers.
+  training.write_run_config(str(tmp_path), {
+      **run, 'model': {k: v for k, v in run['model'].items() if k not in glows}})
+  training.check_run_config(str(tmp_path), run)
+  with pytest.raises(training.RunError, match='normalization'):
+    (tmp_path / 'checkpoints').mkdir()
+    (tmp_path / 'checkpoints' / 'ckpt-1.index').write_bytes(b'')
+    training.check_run_config(str(tmp_path), {
+        **run, 'model': config.replace(normalization='actnorm').to_dict()})
+  (tmp_path / 'checkpoints' / 'ckpt-1.index').unlink()
+  (tmp_path / 'checkpoints').rmdir()
   training.write_run_config(str(tmp_path), run)
   os.makedirs(tmp_path / 'checkpoints')
   (tmp_path / 'checkpoints' / 'ckpt-7.index').write_bytes(b'')
