@@ -220,3 +220,14 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
   result = launch('evaluate', f'--workdir={tmp_path}/none')
   assert result.returncode == 2 and 'error: ' + f'{tmp_path}/none has no config.json' in \
       result.stderr and 'Traceback' not in result.stderr
+
+
+def test_train_with_glows_layers_from_flags(digits, tmp_path):
+  workdir = str(tmp_path / 'glow')
+  ok(launch('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--epochs=1',
+            '--steps_per_epoch=20', '--normalization=actnorm', '--mixing=1x1_conv'))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    model = json.load(f)['model']
+  assert (model['normalization'], model['mixing']) == ('actnorm', '1x1_conv')
+  assert 0 < _metrics(workdir)['test_bits_per_dim'] < 20
+  ok(launch('evaluate', f'--workdir={workdir}'))
