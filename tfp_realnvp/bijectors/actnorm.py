@@ -6,7 +6,7 @@ import threading
 import keras
 import tensorflow as tf
 
-from tfp_realnvp.bijectors.base import FlowBijector
+from tfp_realnvp.bijectors.base import FlowBijector, per_pixel_log_det
 from tfp_realnvp.bijectors.batch_norm import synchronized_moments
 
 _init = threading.local()
@@ -91,14 +91,10 @@ class ActNorm(FlowBijector):
   def _own_keras_layers(self):
     return [self._parameters_layer]
 
-  def _log_det(self, log_scale, x):
-    height, width, _ = self.event_shape_in
-    return tf.fill(tf.shape(x)[:1], height * width * tf.reduce_sum(log_scale))
-
   def _forward_and_log_det(self, x, training):
     bias, log_scale = (tf.cast(p, x.dtype) for p in self._parameters_layer(x, training=training))
-    return (x + bias) * tf.exp(log_scale), self._log_det(log_scale, x)
+    return (x + bias) * tf.exp(log_scale), per_pixel_log_det(self.event_shape_in, log_scale, x)
 
   def _inverse_and_log_det(self, y, training):
     bias, log_scale = (tf.cast(p, y.dtype) for p in self._parameters_layer(y, training=False))
-    return y * tf.exp(-log_scale) - bias, -self._log_det(log_scale, y)
+    return y * tf.exp(-log_scale) - bias, -per_pixel_log_det(self.event_shape_in, log_scale, y)

@@ -266,6 +266,13 @@ class FlowBijector(tfb.Bijector):
     return tf.concat([shape[:-3], tf.constant(event_out, tf.int32)], axis=0)
 
 
+def per_pixel_log_det(event_shape, log_scales, x):
+  """The log-det of a map that scales each channel alike at every pixel, `[N]` for `x`
+  `[N, H, W, C]`: `H * W * sum_c log_scales_c` per example."""
+  height, width, _ = event_shape
+  return tf.fill(tf.shape(x)[:1], height * width * tf.reduce_sum(log_scales))
+
+
 def sum_event(x):
   """Sums a `[N, H, W, C]` tensor over its event, giving `[N]`."""
   return tf.reduce_sum(x, axis=[-3, -2, -1])

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tfp_realnvp.bijectors.base import FlowBijector
+from tfp_realnvp.bijectors.base import FlowBijector, per_pixel_log_det
 
 
 class BatchStatistics(keras.layers.Layer):
@@ -112,14 +112,12 @@ class BatchNorm(FlowBijector):
     mean, variance = self._statistics(x, training=training)
     return mean, 0.5 * tf.math.log(tf.cast(variance, x.dtype) + self._epsilon)
 
-  def _log_det(self, log_std, x):
-    height, width, _ = self.event_shape_in
-    return tf.fill(tf.shape(x)[:1], -height * width * tf.reduce_sum(log_std))
-
   def _forward_and_log_det(self, x, training):
     mean, log_std = self._log_std(x, training)
-    return (x - tf.cast(mean, x.dtype)) * tf.exp(-log_std), self._log_det(log_std, x)
+    return ((x - tf.cast(mean, x.dtype)) * tf.exp(-log_std),
+            per_pixel_log_det(self.event_shape_in, -log_std, x))
 
   def _inverse_and_log_det(self, y, training):
     mean, log_std = self._log_std(y, training=False)
-    return y * tf.exp(log_std) + tf.cast(mean, y.dtype), -self._log_det(log_std, y)
+    return (y * tf.exp(log_std) + tf.cast(mean, y.dtype),
+            per_pixel_log_det(self.event_shape_in, log_std, y))

@@ -5,7 +5,7 @@ import numpy as np
 import scipy.linalg
 import tensorflow as tf
 
-from tfp_realnvp.bijectors.base import FlowBijector
+from tfp_realnvp.bijectors.base import FlowBijector, per_pixel_log_det
 
 
 class LUWeights(keras.layers.Layer):
@@ -53,10 +53,6 @@ class LUWeights(keras.layers.Layer):
              tf.linalg.diag(sign_s * tf.exp(log_s)))
     return p, lower, upper, log_s
 
-  def call(self, x):
-    del x
-    return self.factors(self.variable_dtype)
-
   def get_config(self):
     return {**super().get_config(), 'seed': self.seed}
 
@@ -95,13 +91,10 @@ class Invertible1x1Conv(FlowBijector):
       self._weights_layer.build(x.shape)
     return self._weights_layer.factors(x.dtype)
 
-  def _log_det(self, log_s, x):
-    height, width, _ = self.event_shape_in
-    return tf.fill(tf.shape(x)[:1], height * width * tf.reduce_sum(log_s))
-
   def _forward_and_log_det(self, x, training):
     p, lower, upper, log_s = self._factors(x)
-    return _mix(x, tf.matmul(p, tf.matmul(lower, upper))), self._log_det(log_s, x)
+    return (_mix(x, tf.matmul(p, tf.matmul(lower, upper))),
+            per_pixel_log_det(self.event_shape_in, log_s, x))
 
   def _inverse_and_log_det(self, y, training):
     p, lower, upper, log_s = self._factors(y)
@@ -109,4 +102,4 @@ class Invertible1x1Conv(FlowBijector):
     lower_inverse = tf.linalg.triangular_solve(lower, identity, lower=True)
     upper_inverse = tf.linalg.triangular_solve(upper, identity, lower=False)
     inverse = tf.matmul(upper_inverse, tf.matmul(lower_inverse, p, transpose_b=True))
-    return _mix(y, inverse), -self._log_det(log_s, y)
+    return _mix(y, inverse), -per_pixel_log_det(self.event_shape_in, log_s, y)
