@@ -120,7 +120,8 @@ def test_run_settings_may_change_when_resuming_but_not_the_architecture(tmp_path
   config = rn.presets.get('mnist')
   glows = {'normalization', 'mixing', 'layout', 'steps_per_scale', 'network'}
   assert set(config.architecture()) == {'image_shape', 'num_scales', 'num_blocks', 'num_filters',
-                                        'alpha', 'batch_norm_epsilon', 'dtype', *glows}
+                                        'alpha', 'batch_norm_epsilon', 'dtype', 'num_classes',
+                                        *glows}
   run = {'model': config.to_dict(), 'data': {'dataset': 'npz:a', 'data_dir': None,
                                              'image_size': None}, 'train': {}}
   # A run from before Glow's options (its config.json lacks them) resumes as the paper's layers.

@@ -1,5 +1,6 @@
 """A flow as a TFP distribution that runs the flow once per call and never serves stale numbers."""
 
+import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.distributions import transformed_distribution
 from tensorflow_probability.python.internal import parameter_properties
@@ -24,21 +25,44 @@ class FlowDistribution(transformed_distribution._TransformedDistribution):  # py
   nothing is cached beyond the call, so the numbers always follow the current weights.
   `trainable_variables` lists the flow's variables (and the prior's).
 
+  `labels` (int, any shape) makes it `p(x | y)` for a class-conditional flow: they are passed to
+  the flow with every call (as `bijector_kwargs={'labels': labels}`), and `distribution` should
+  be the prior for the same labels (batch shape `labels.shape`, e.g. `ClassConditionalNormal`).
+  Each latent is then transformed with its own label (labels broadcast against the batch), so
+  `sample()` gives one image per label and `log_prob(x)` takes `x` `[*labels.shape, H, W, C]`.
+
   Example:
     dist = FlowDistribution(learned_prior, model.flow, name='flow_with_learned_prior')
     loss = -tf.reduce_mean(dist.log_prob(images))
   """
 
-  def __init__(self, distribution, flow, validate_args=False, name=None):
+  def __init__(self, distribution, flow, validate_args=False, name=None, labels=None):
     parameters = dict(locals())
     self._flow = flow
-    super().__init__(distribution, tfb.Invert(flow), validate_args=validate_args,
-                     parameters=parameters, name=name or flow.name)
+    self._labels = None if labels is None else tf.convert_to_tensor(labels, tf.int32)
+    super().__init__(distribution, tfb.Invert(flow), kwargs_split_fn=self._split_kwargs,
+                     validate_args=validate_args, parameters=parameters, name=name or flow.name)
+
+  def _split_kwargs(self, kwargs):
+    distribution_kwargs = kwargs.get('distribution_kwargs', {})
+    bijector_kwargs = kwargs.get('bijector_kwargs', {})
+    if self._labels is not None:
+      bijector_kwargs = {'labels': self._labels, **bijector_kwargs}
+    return distribution_kwargs, bijector_kwargs
+
+  @property
+  def labels(self):
+    """The labels the flow is conditioned on (None: unconditional)."""
+    return self._labels
 
   @classmethod
   def _parameter_properties(cls, dtype, num_classes=None):
-    # The flow has no batch shape (`flow.experimental_batch_shape() == []`).
-    return dict(distribution=parameter_properties.BatchedComponentProperties())
+    # The flow has no batch shape (`flow.experimental_batch_shape() == []`); labels share the
+    # distribution's.
+    return dict(distribution=parameter_properties.BatchedComponentProperties(),
+                labels=parameter_properties.ParameterProperties(
+                    event_ndims=0, is_preferred=False, default_constraining_bijector_fn=(
+                        parameter_properties.BIJECTOR_NOT_IMPLEMENTED)))
 
   @property
   def flow(self):

@@ -4,6 +4,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -11,7 +12,8 @@ from tfp_realnvp import optimizers, presets
 from tfp_realnvp.bijectors.actnorm import ActNorm, ActNormParameters, data_dependent_init
 from tfp_realnvp.bijectors.batch_norm import BatchStatistics
 from tfp_realnvp.bijectors.invertible_conv import Invertible1x1Conv, LUWeights
-from tfp_realnvp.bijectors.multiscale import multiscale_flow
+from tfp_realnvp.bijectors.multiscale import latent_groups, multiscale_flow
+from tfp_realnvp.conditional import ClassConditionalNormal, ClassConditionalPrior, LabelError
 from tfp_realnvp.distribution import FlowDistribution
 from tfp_realnvp.nets import CouplingNet
 
@@ -41,18 +43,21 @@ def _for_keras_reduction(metrics):
   return metrics
 
 
-def _first_images(x, batch_size):
-  """The images of `fit`'s first batch of `x` (a dataset or iterable of batches, images first
-  when they come with labels; or an array of images, `batch_size` (Keras: 32) of them)."""
+def _first_batch(x, y, batch_size):
+  """`(images, labels or None)` of `fit`'s first batch of `x` (a dataset or iterable of batches,
+  images first when they come with labels; or an array of images, `batch_size` (Keras: 32) of
+  them, with `y` their labels)."""
   if hasattr(x, 'shape') and not isinstance(x, tf.data.Dataset):
-    return x[:batch_size or 32]
+    size = batch_size or 32
+    return x[:size], None if y is None else y[:size]
   try:
     first = next(iter(x))
   except (TypeError, StopIteration) as e:
     raise ValueError(f'RealNVP.fit: cannot take a first batch of images from {type(x).__name__} '
                      'to initialise ActNorm from; call model.initialize_from_data(images) first.'
                      ) from e
-  return keras.utils.unpack_x_y_sample_weight(first)[0]
+  images, labels, _ = keras.utils.unpack_x_y_sample_weight(first)
+  return images, labels
 
 
 @keras.saving.register_keras_serializable(package='tfp_realnvp')
@@ -93,6 +98,16 @@ class RealNVP(keras.Model):
   `bits_per_dim`. Under `tf.distribute` the loss is exact for any replica count (batch
   statistics are synchronized across replicas).
 
+  Class-conditional (`num_classes > 0`, `RealNVP('mnist', num_classes=10)`): `p(x | y)`, the
+  label changing the coupling networks' `s` and `t` (a learned per-class bias) and the latent's
+  Gaussian (a learned mean and log-scale per class, per channel of each factored-out part), never
+  the log-det's form. Every method that takes images takes `labels` (int `[N]`, or one label for
+  all); `fit` takes `(images, labels)` pairs (`fit(x, y)`, or a dataset of pairs) and counts the
+  labels for the class prior `p(y)`; `classify(x)` is `argmax_y log p(x | y) + log p(y)`,
+  `predict_proba(x)` the posterior. `model.distribution` is then the class mixture
+  `p(x) = sum_y p(y) p(x | y)` (TFP's `MixtureSameFamily`), and `model.distribution_given(labels)`
+  the TFP distribution `p(x | y)` for those labels.
+
   Example:
     model = RealNVP('mnist')          # or RealNVP(RealNVPConfig(...)), RealNVP('cifar10', num_blocks=4)
     model.compile()                   # Adam 1e-3, global-norm clipping 100
@@ -115,12 +130,26 @@ class RealNVP(keras.Model):
     # Keras does not look inside the bijector (a tf.Module): this list makes the model own them.
     self.flow_layers = self.flow.keras_layers
     dtype = tf.as_dtype(config.dtype)
-    self.distribution = FlowDistribution(
-        tfd.Sample(tfd.Normal(tf.zeros([], dtype), tf.ones([], dtype)), config.image_shape),
-        self.flow, name=self.name)
+    self.num_classes = config.num_classes
+    if self.num_classes:
+      self.prior = ClassConditionalPrior(
+          self.num_classes, latent_groups(config.image_shape, config.num_scales, config.layout),
+          dtype=config.dtype)
+      counts = self.prior.class_counts
+      log_prior = tfp.util.DeferredTensor(getattr(counts, 'value', counts),
+                                          lambda _: self.prior.log_class_prior())
+      self.distribution = tfd.MixtureSameFamily(
+          tfd.Categorical(logits=log_prior),
+          self.distribution_given(tf.range(self.num_classes)), name=self.name)
+    else:
+      self.distribution = FlowDistribution(
+          tfd.Sample(tfd.Normal(tf.zeros([], dtype), tf.ones([], dtype)), config.image_shape),
+          self.flow, name=self.name)
     self._num_dims = math.prod(config.image_shape)
     self._flow_forward = self.flow.forward_and_log_det
-    self(tf.fill([1, *config.image_shape], tf.constant(128., dtype)))  # creates every variable
+    # Creates every variable.
+    self(tf.fill([1, *config.image_shape], tf.constant(128., dtype)),
+         labels=tf.zeros([1], tf.int32) if self.num_classes else None)
 
   def _coupling_network(self, event_shape, scale, kind):
     filters = self.config.num_filters
@@ -131,7 +160,7 @@ class RealNVP(keras.Model):
     return CouplingNet(event_shape[-1], filters, self.config.num_blocks, l2=self.config.l2,
                        momentum=self.config.batch_norm_momentum, recompute=self.config.recompute,
                        synchronized=self.config.sync_batch_norm, kind=self.config.network,
-                       dtype=policy)
+                       num_classes=self.config.num_classes, dtype=policy)
 
   def _batch_statistics(self):
     return BatchStatistics(self.config.batch_norm_momentum, self.config.sync_batch_norm,
@@ -151,30 +180,34 @@ class RealNVP(keras.Model):
     return any(not layer.initialized.numpy() for layer in self.flow_layers
                if isinstance(layer, ActNormParameters))
 
-  def initialize_from_data(self, images):
+  def initialize_from_data(self, images, labels=None):
     """Glow's data-dependent initialisation: one training-mode pass over `images` (a global
     batch) sets every `ActNorm` not yet set so that its output has zero mean and unit variance
     per channel. Under the model's `tf.distribute` strategy the batch is split over the
     replicas and the statistics are of the whole batch. `fit` calls it on its first batch when
     `needs_data_initialization()`; a restored checkpoint keeps the flag, so a resumed run does
-    not initialise again. (The networks' batch-norm running averages see this batch too.)"""
+    not initialise again. (The networks' batch-norm running averages see this batch too.)
+    A class-conditional model takes the batch's `labels` too."""
     images = tf.convert_to_tensor(images)
+    labels = self._labels(labels, images, 'initialize_from_data')
     strategy = self.distribute_strategy
-    dataset = tf.data.Dataset.from_tensor_slices(images).batch(int(images.shape[0]))
+    dataset = tf.data.Dataset.from_tensor_slices(
+        images if labels is None else (images, labels)).batch(int(images.shape[0]))
     options = tf.data.Options()  # every worker takes the whole batch (duplicates keep the moments)
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     batch = next(iter(strategy.experimental_distribute_dataset(dataset.with_options(options))))
 
-    def replica(images):
+    def replica(batch):
+      images, labels = batch if self.num_classes else (batch, None)
       with data_dependent_init():
-        self(images, training=True)
+        self(images, labels=labels, training=True)
     tf.function(lambda batch: strategy.run(replica, args=(batch,)))(batch)
 
   def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
     """Keras `fit`; a model with `ActNorm` not yet set from data is first set from the first
     batch of `x` (`initialize_from_data`)."""
     if self.needs_data_initialization():
-      self.initialize_from_data(_first_images(x, batch_size))
+      self.initialize_from_data(*_first_batch(x, y, batch_size))
     return super().fit(x, y, batch_size, *args, **kwargs)
 
   @property
@@ -210,34 +243,133 @@ class RealNVP(keras.Model):
       return pixels + tf.random.uniform(tf.shape(pixels), dtype=dtype)
     return pixels + tf.random.stateless_uniform(tf.shape(pixels), [seed, 0], dtype=dtype)
 
-  def log_prob(self, images, training=False, seed=None):
-    """log p(x) in nats, one pass through the flow; the density lives on the logit
-    preprocessing's domain (see the class docstring), the same as `model.distribution`'s.
+  def _labels(self, labels, images, what):
+    """`labels` as int32 `[N]` (one label is repeated for the batch of `images`), checked against
+    the model: required by a class-conditional model, refused by another, in [0, num_classes)
+    (a `LabelError` naming `what`). None for an unconditional model."""
+    if not self.num_classes:
+      if labels is not None:
+        raise LabelError(f'{self.name}.{what}: labels given to a model that is not '
+                         'class-conditional (num_classes=0); drop them, or train a model with '
+                         'num_classes set.')
+      return None
+    if labels is None:
+      raise LabelError(f'{self.name}.{what}: this model is class-conditional ({self.num_classes} '
+                       'classes): give labels (ints in [0, '
+                       f'{self.num_classes}), one per image).')
+    if isinstance(labels, bool):
+      raise LabelError(f'{self.name}.{what}: labels must be ints, got {labels!r} (pass '
+                       'training= by keyword).')
+    labels = tf.convert_to_tensor(labels)
+    if not labels.dtype.is_integer:
+      raise LabelError(f'{self.name}.{what}: labels must be integers, got {labels.dtype.name}.')
+    labels = tf.cast(labels, tf.int32)
+    count = None if images is None else tf.shape(images)[0]
+    if labels.shape.rank == 0 and count is not None:
+      labels = tf.fill([count], labels)
+    elif labels.shape.rank != 1:
+      raise LabelError(f'{self.name}.{what}: expected labels of shape [N] (one per image) or '
+                       f'one label, got shape {labels.shape}.')
+    elif images is not None and images.shape[:1].is_fully_defined() and labels.shape[
+        :1].is_fully_defined() and images.shape[0] != labels.shape[0]:
+      raise LabelError(f'{self.name}.{what}: {images.shape[0]} images but {labels.shape[0]} '
+                       'labels.')
+    static = tf.get_static_value(labels)
+    if static is not None:
+      bad = static[(static < 0) | (static >= self.num_classes)]
+      if bad.size:
+        raise LabelError(f'{self.name}.{what}: labels must be in [0, {self.num_classes}), got '
+                         f'{int(bad[0])}.')
+      return labels
+    checks = [tf.debugging.assert_non_negative(labels, message=f'{self.name}.{what}: labels must '
+                                               f'be in [0, {self.num_classes})'),
+              tf.debugging.assert_less(labels, self.num_classes, message=f'{self.name}.{what}: '
+                                       f'labels must be in [0, {self.num_classes})')]
+    if count is not None:
+      checks.append(tf.debugging.assert_equal(tf.size(labels), count, message=f'{self.name}.'
+                                              f'{what}: one label per image expected'))
+    with tf.control_dependencies(checks):
+      return tf.identity(labels)
+
+  def _require_classes(self, what):
+    if not self.num_classes:
+      raise LabelError(f'{self.name}.{what}: the model is not class-conditional (num_classes=0).')
+
+  def _latent_log_prob(self, latent, labels):
+    if labels is None:
+      return self.distribution.distribution.log_prob(latent)
+    return ClassConditionalNormal(labels, self.prior).log_prob(latent)
+
+  def distribution_given(self, labels):
+    """`p(x | y)` for `labels` (int, any shape) as a TFP distribution: a `FlowDistribution`
+    (`TransformedDistribution(ClassConditionalNormal(labels), Invert(flow))`, the flow
+    conditioned on the labels) with batch shape `labels.shape`, reading the current weights at
+    every call. `sample()` gives one image per label; `log_prob(x)` takes `x`
+    `[*labels.shape, H, W, C]`. Class-conditional models only."""
+    self._require_classes('distribution_given')
+    labels = tf.convert_to_tensor(labels)
+    if not labels.dtype.is_integer:
+      raise LabelError(f'{self.name}.distribution_given: labels must be integers, got '
+                       f'{labels.dtype.name}.')
+    static = tf.get_static_value(labels)
+    if static is not None and np.any((static < 0) | (static >= self.num_classes)):
+      raise LabelError(f'{self.name}.distribution_given: labels must be in [0, '
+                       f'{self.num_classes}).')
+    labels = tf.cast(labels, tf.int32)
+    return FlowDistribution(ClassConditionalNormal(labels, self.prior), self.flow,
+                            labels=labels, name=f'{self.name}_given_labels')
+
+  def log_prob(self, images, labels=None, training=False, seed=None):
+    """log p(x) (log p(x | y) for a class-conditional model, given `labels`) in nats, one pass
+    through the flow; the density lives on the logit preprocessing's domain (see the class
+    docstring), the same as `model.distribution`'s.
 
     uint8 images are dequantized with U[0, 1) noise (`seed` makes it repeatable).
     """
     pixels = self._pixels(images, 'uniform', seed)
-    latent, log_det = self._flow_forward(pixels, training=training)
-    return self.distribution.distribution.log_prob(latent) + log_det
+    labels = self._labels(labels, pixels, 'log_prob')
+    if labels is None:
+      latent, log_det = self._flow_forward(pixels, training=training)
+    else:
+      latent, log_det = self._flow_forward(pixels, training=training, labels=labels)
+    return self._latent_log_prob(latent, labels) + log_det
 
-  def bits_per_dim(self, images, training=False, seed=None):
-    """-log p(x) / (D ln 2): the paper's bits/dim, per image."""
-    return -self.log_prob(images, training, seed) / (self._num_dims * math.log(2.))
+  def bits_per_dim(self, images, labels=None, training=False, seed=None):
+    """-log p(x) / (D ln 2) (-log p(x | y) / (D ln 2) given `labels`): the paper's bits/dim, per
+    image."""
+    return -self.log_prob(images, labels, training, seed) / (self._num_dims * math.log(2.))
 
-  def call(self, images, training=False):
-    return self.bits_per_dim(images, training=training)
+  def call(self, images, labels=None, training=False):
+    if isinstance(images, (tuple, list)) and len(images) == 2 and labels is None:
+      images, labels = images  # predict((images, labels))
+    return self.bits_per_dim(images, labels, training=training)
 
-  def encode(self, images, training=False):
-    """The image-shaped latent `z = flow(x)`; uint8 images are taken at their pixel centres."""
-    return self.flow.forward_and_log_det(self._pixels(images, 'centre'), training)[0]
+  def encode(self, images, labels=None, training=False):
+    """The image-shaped latent `z = flow(x)` (`flow(x, y)` given `labels`); uint8 images are
+    taken at their pixel centres."""
+    pixels = self._pixels(images, 'centre')
+    labels = self._labels(labels, pixels, 'encode')
+    return self.flow.forward_and_log_det(pixels, training, labels)[0]
 
-  def decode(self, latent):
-    """Pixels `x = flow^-1(z)` (floats, about [0, 256); `to_uint8` makes images)."""
-    return self.flow.inverse_and_log_det(latent)[0]
+  def decode(self, latent, labels=None):
+    """Pixels `x = flow^-1(z)` (`flow^-1(z, y)` given `labels`; floats, about [0, 256);
+    `to_uint8` makes images)."""
+    latent = tf.convert_to_tensor(latent)
+    return self.flow.inverse_and_log_det(latent, labels=self._labels(labels, latent, 'decode'))[0]
 
-  def sample(self, num_samples, temperature=1.0, seed=None):
+  def class_log_prior(self):
+    """`log p(y)` `[num_classes]`: the frequencies of the labels `fit` trained on (uniform
+    before any)."""
+    self._require_classes('class_log_prior')
+    return self.prior.log_class_prior()
+
+  def sample(self, num_samples, temperature=1.0, seed=None, labels=None):
     """`num_samples` images (float pixels) from latents `z ~ N(0, temperature^2 I)`;
-    `temperature` a finite number >= 0 (0: the latent's mode, the image of z = 0)."""
+    `temperature` a finite number >= 0 (0: the latent's mode, the image of z = 0).
+
+    Class-conditional: images of the classes `labels` (one label, or `[num_samples]`), from
+    `z ~ N(mu_y, (temperature sigma_y)^2)`; without labels, classes are drawn from `p(y)`
+    (samples of the class mixture `p(x)`)."""
     if isinstance(temperature, numbers.Real) and not (math.isfinite(temperature) and
                                                       temperature >= 0):
       raise ValueError(f'{self.name}.sample: temperature must be a finite number >= 0, got '
@@ -248,7 +380,36 @@ class RealNVP(keras.Model):
       latent = tf.random.normal(shape, dtype=dtype)
     else:
       latent = tf.random.stateless_normal(shape, [seed, 0], dtype=dtype)
-    return self.decode(temperature * latent)
+    if not self.num_classes:
+      self._labels(labels, None, 'sample')  # refuses labels
+      return self.decode(temperature * latent)
+    if labels is None:
+      logits = self.prior.log_class_prior()[None]
+      labels = (tf.random.categorical(logits, num_samples, dtype=tf.int32) if seed is None else
+                tf.random.stateless_categorical(logits, num_samples, [seed, 1], dtype=tf.int32))
+      labels = labels[0]
+    labels = self._labels(labels, latent, 'sample')
+    loc, log_scale = self.prior.loc_and_log_scale(labels)
+    return self.decode(loc + temperature * tf.exp(log_scale) * latent, labels)
+
+  def class_log_likelihoods(self, images, seed=None):
+    """`log p(x | y)` for every class: `[N, num_classes]`, each image dequantized once (the same
+    noise for every class; `seed` makes it repeatable)."""
+    self._require_classes('class_log_likelihoods')
+    pixels = self._pixels(images, 'uniform', seed)
+    count = tf.shape(pixels)[0]
+    return tf.stack([self.log_prob(pixels, tf.fill([count], k))
+                     for k in range(self.num_classes)], axis=-1)
+
+  def predict_proba(self, images, seed=None):
+    """The posterior `p(y | x) = p(x | y) p(y) / sum_y' p(x | y') p(y')`, `[N, num_classes]`,
+    with `p(y)` from the training labels (`class_log_prior`)."""
+    return tf.nn.softmax(self.class_log_likelihoods(images, seed) + self.class_log_prior(), -1)
+
+  def classify(self, images, seed=None):
+    """Bayes' classifier: `argmax_y log p(x | y) + log p(y)`, int32 `[N]`."""
+    return tf.argmax(self.class_log_likelihoods(images, seed) + self.class_log_prior(), -1,
+                     output_type=tf.int32)
 
   def compile(self, optimizer=None, jit_compile=False, metrics=None, **kwargs):
     """Keras `compile` with the paper's optimizer by default (Adam, global-norm clipping) and
@@ -284,6 +445,10 @@ class RealNVP(keras.Model):
     # Built here, not inside the first traced step: creating variables there makes
     # tf.function trace the whole step twice.
     self.optimizer.build(self.trainable_variables)
+    # The metrics too: otherwise Keras builds them under a strategy by calling the model on a
+    # symbolic batch of images alone, which a class-conditional model refuses (every layer is
+    # built in __init__; the metrics take bits/dim, one per image).
+    self._compile_metrics.build(None, tf.zeros([1], self.config.dtype))
 
   def get_compile_config(self):
     """What `compile` was given, for `.keras` files (see `compile`)."""
@@ -309,9 +474,11 @@ class RealNVP(keras.Model):
   def train_step(self, data):
     """Keras' step; the gradient is clipped by the global norm of its sum over replicas, in the
     optimizer's all-reduce (see `compile`)."""
-    images, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+    images, labels = self._images_and_labels(data, 'fit')
+    if labels is not None:
+      self.prior.count(labels)
     with tf.GradientTape() as tape:
-      bits = self(images, training=True)
+      bits = self(images, labels=labels, training=True)
       loss = self.compute_loss(x=images, y_pred=bits, training=True)
       scaled_loss = self.optimizer.scale_loss(loss)
     variables = self.trainable_variables
@@ -321,8 +488,31 @@ class RealNVP(keras.Model):
     self._loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(images)[0])
     return _for_keras_reduction(self.compute_metrics(images, None, bits))
 
+  def _images_and_labels(self, data, what):
+    images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+    if labels is None and isinstance(images, (tuple, list)) and len(images) == 2:
+      images, labels = images  # predict((images, labels))
+    if self.num_classes and labels is None:
+      raise LabelError(f'{self.name}.{what}: this model is class-conditional '
+                       f'({self.num_classes} classes): give (images, labels) pairs '
+                       '(`fit(images, labels)`, or a dataset of pairs, e.g. TFDS as_supervised).')
+    if not self.num_classes and labels is not None:
+      raise LabelError(f'{self.name}.{what}: got (images, labels) pairs, but the model is not '
+                       'class-conditional (num_classes=0): give images only (e.g. '
+                       'dataset.map(lambda x, y: x)), or set num_classes.')
+    return images, labels
+
   def test_step(self, data):
-    return _for_keras_reduction(super().test_step(data))
+    images, labels = self._images_and_labels(data, 'evaluate')
+    bits = self(images, labels=labels, training=False)
+    loss = self.compute_loss(x=images, y_pred=bits, training=False)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    self._loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(images)[0])
+    return _for_keras_reduction(self.compute_metrics(images, None, bits))
+
+  def predict_step(self, data):
+    images, labels = self._images_and_labels(data, 'predict')
+    return self(images, labels=labels, training=False)
 
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
     """Mean bits/dim of the batch plus the L2 decay, scaled for the replicas' gradient sum."""

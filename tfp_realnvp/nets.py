@@ -309,16 +309,27 @@ class CouplingNet(keras.layers.Layer):
   `scale` (starting at 1; L2 decay like the weight-norm `g`s). The zero start makes the coupling
   the identity at initialisation. Returns `(s, t)` in float32 whatever the layer's compute dtype.
 
+  Class-conditional (`num_classes > 0`): `call(x, labels=...)` adds a learned per-class bias
+  (an embedding `[num_classes, num_filters]`, starting at zero) to the first convolution's
+  output, so every later layer sees the class. This is what one-hot class channels on the input
+  would give (a per-class bias of the first convolution), except at the borders, where zero
+  padding would cut those channels off; and it costs no convolution FLOPs (1,000 ImageNet classes
+  as input channels would multiply the first convolution's). Like the convolutions' biases it
+  has no L2 decay.
+
   `recompute=True` keeps none of the network's activations for the gradient: the backward pass
   runs the network forward again (a third more compute for a fraction of the memory).
   `synchronized=False`: batch statistics of each replica's batch (see `BatchNormalization`).
   """
 
   def __init__(self, channels, num_filters, num_blocks, l2=0., momentum=0.9, recompute=False,
-               synchronized=True, kind='resnet', **kwargs):
+               synchronized=True, kind='resnet', num_classes=0, **kwargs):
     super().__init__(**kwargs)
     if kind not in ('resnet', 'glow'):
       raise ValueError(f'CouplingNet: kind must be resnet or glow, got {kind!r}.')
+    if num_classes < 0:
+      raise ValueError(f'CouplingNet: num_classes must be >= 0, got {num_classes}.')
+    self.num_classes = num_classes
     self.channels, self.num_filters, self.num_blocks = channels, num_filters, num_blocks
     self.l2, self.momentum, self.recompute = l2, momentum, recompute
     self.synchronized, self.kind = synchronized, kind
@@ -340,6 +351,9 @@ class CouplingNet(keras.layers.Layer):
     self.scale = self.add_weight(shape=(self.channels,), name='scale', initializer='ones',
                                  regularizer=L2(self.l2) if self.l2 else None,
                                  autocast=False)  # s is float32 under mixed precision too
+    if self.num_classes:
+      self.class_embedding = self.add_weight(shape=(self.num_classes, self.num_filters),
+                                             name='class_embedding', initializer='zeros')
 
   @property
   def convolution_layers(self):
@@ -347,10 +361,20 @@ class CouplingNet(keras.layers.Layer):
     return [self.conv_in, *(conv for b in self.blocks for conv in (b.conv1, b.conv2)),
             *self.hidden[1:], self.conv_out]
 
-  def call(self, x, training=False):
+  def call(self, x, labels=None, training=False):
+    if self.num_classes and labels is None:
+      raise ValueError(f'{self.name}: a class-conditional network ({self.num_classes} classes) '
+                       'needs labels.')
+    if not self.num_classes and labels is not None:
+      raise ValueError(f'{self.name}: labels given to a network that is not class-conditional '
+                       '(num_classes=0).')
     with AutocastScope(None):  # the output convolution (s and t) runs in the variables' dtype
       conv_out = self.conv_out.weights_for_call
-    weights = [self.conv_in.weights_for_call, [b.weights_for_call for b in self.blocks],
+    class_bias = []
+    if self.num_classes:
+      class_bias = [tf.gather(_tensors(self.class_embedding)[0], labels)[:, None, None, :]]
+    weights = [self.conv_in.weights_for_call, class_bias,
+               [b.weights_for_call for b in self.blocks],
                [layer.weights_for_call for layer in self.hidden],
                self.norm_out.weights_for_call, conv_out, _tensors(self.scale)[0]]
     training = bool(training)
@@ -368,8 +392,10 @@ class CouplingNet(keras.layers.Layer):
   def _forward(self, x, weights, training):
     """`(s, t, *updated running averages)` from the weights, with no side effects (so the
     backward pass may run it again)."""
-    conv_in, blocks, hidden, norm_out, conv_out, scale = weights
+    conv_in, class_bias, blocks, hidden, norm_out, conv_out, scale = weights
     h, updated = weight_norm_conv(x, *conv_in), ()
+    for bias in class_bias:  # [N, 1, 1, F]: the class's bias
+      h += bias
     for block in blocks:
       h, block_updated = _block_function(self.synchronized)(
           h, *block, training, self.momentum, EPSILON, self.synchronized)
@@ -389,4 +415,4 @@ class CouplingNet(keras.layers.Layer):
     return {**super().get_config(), 'channels': self.channels, 'num_filters': self.num_filters,
             'num_blocks': self.num_blocks, 'l2': self.l2, 'momentum': self.momentum,
             'synchronized': self.synchronized, 'kind': self.kind,
-            'recompute': self.recompute}
+            'recompute': self.recompute, 'num_classes': self.num_classes}

@@ -34,7 +34,7 @@ class RealNVPConfig:
 
   Architecture (a checkpoint's shapes and meaning depend on these): `image_shape`, `num_scales`,
   `num_blocks`, `num_filters`, `alpha`, `batch_norm_epsilon`, `normalization`, `mixing`,
-  `layout`, `steps_per_scale`, `network`, `dtype`. The defaults are the paper's; Glow's layers
+  `layout`, `steps_per_scale`, `network`, `num_classes`, `dtype`. The defaults are the paper's; Glow's layers
   are options (`normalization='actnorm'`, `mixing='1x1_conv'`, `layout='glow'`,
   `network='glow'`; the `glow` preset has them all).
   Run settings (may change between runs of the same model): `batch_norm_momentum`, `l2`,
@@ -76,6 +76,9 @@ class RealNVPConfig:
   network: str = _field('resnet', ARCHITECTURE, 'The coupling networks: resnet (Real NVP: '
                         'num_blocks residual blocks) or glow (conv 3x3, conv 1x1, conv 3x3; '
                         'num_blocks unused).', choices=('resnet', 'glow'), added=True)
+  num_classes: int = _field(0, ARCHITECTURE, 'Classes of a class-conditional model p(x | y) '
+                            '(0: unconditional, p(x)): labels condition the coupling networks and '
+                            'the latent\'s Gaussian.', low=0, added=True)
   dtype: str = _field('float32', ARCHITECTURE, 'dtype of the flow and its variables.',
                       choices=('float32', 'float64'), flag=False)
   compute_dtype: str = _field(None, RUN, 'Mixed precision inside the coupling networks only '

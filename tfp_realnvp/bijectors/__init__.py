@@ -7,5 +7,5 @@ from tfp_realnvp.bijectors.base import FlowBijector, Inverted, Sequential, one_p
 from tfp_realnvp.bijectors.batch_norm import BatchNorm, BatchStatistics
 from tfp_realnvp.bijectors.invertible_conv import Invertible1x1Conv, LUWeights
 from tfp_realnvp.bijectors.logit import Logit
-from tfp_realnvp.bijectors.multiscale import FactorOut, multiscale_flow
+from tfp_realnvp.bijectors.multiscale import FactorOut, latent_groups, multiscale_flow
 from tfp_realnvp.bijectors.squeeze import Squeeze

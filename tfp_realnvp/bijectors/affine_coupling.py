@@ -35,6 +35,8 @@ class AffineCoupling(FlowBijector):
   more channel: the checkerboard (which sites are given) or, for channel masks, ones (where the
   image ends under zero padding).
   It should bound `s` (Real NVP: `s = scale * tanh(.)`, see `tfp_realnvp.nets.CouplingNet`).
+  Class-conditional: given `labels`, the network is called as `network(inputs, labels=labels,
+  training=...)`, so `(s, t)` depend on the class; the log-det keeps its form, `sum((1 - b) * s)`.
 
   The network runs once per call of `forward_and_log_det` / `inverse_and_log_det`.
 
@@ -71,16 +73,22 @@ class AffineCoupling(FlowBijector):
   def _own_keras_layers(self):
     return [self._network]
 
-  def _shift_and_log_scale(self, x, training):
+  _takes_labels = True
+
+  def _shift_and_log_scale(self, x, training, labels):
     b = self._mask
     mask_channel = tf.broadcast_to(self._mask_channel, tf.concat([tf.shape(x)[:3], [1]], axis=0))
-    s, t = self._network(tf.concat([b * x, mask_channel], axis=-1), training=training)
+    inputs = tf.concat([b * x, mask_channel], axis=-1)
+    if labels is None:
+      s, t = self._network(inputs, training=training)
+    else:  # a class-conditional network: (s, t) = network(b * x, y)
+      s, t = self._network(inputs, labels=labels, training=training)
     return (1. - b) * s, (1. - b) * t
 
-  def _forward_and_log_det(self, x, training):
-    s, t = self._shift_and_log_scale(x, training)
+  def _forward_and_log_det(self, x, training, labels=None):
+    s, t = self._shift_and_log_scale(x, training, labels)
     return x * tf.exp(s) + t, sum_event(s)
 
-  def _inverse_and_log_det(self, y, training):
-    s, t = self._shift_and_log_scale(y, training)
+  def _inverse_and_log_det(self, y, training, labels=None):
+    s, t = self._shift_and_log_scale(y, training, labels)
     return (y - t) * tf.exp(-s), -sum_event(s)

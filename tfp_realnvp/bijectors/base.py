@@ -117,9 +117,17 @@ class FlowBijector(tfb.Bijector):
   (`forward`, `inverse`, `*_log_det_jacobian`, distributions) default to inference and take it as
   a keyword (`dist.log_prob(x, bijector_kwargs={'training': True})`).
 
+  `labels` (int `[...]`, broadcast against the batch shape of `x`) condition a class-conditional
+  flow: they reach the bijectors that set `_takes_labels` (the couplings, whose networks take
+  them, and the containers that pass them on); the others never see them. A TFP keyword like
+  `training`.
+
   `variables` and `trainable_variables` (`tf.Module`'s) list the `tf.Variable`s behind the Keras
   layers' variables, so any TFP distribution built on the bijector lists them too.
   """
+
+  # Whether `_forward_and_log_det` / `_inverse_and_log_det` take `labels` (a third argument).
+  _takes_labels = False
 
   # TFP's cache, holding the one-pass log-det beside the value, but only inside `one_pass()`.
   _cache = _ScopedCache(forward_name='_augmented_forward', inverse_name='_augmented_inverse')
@@ -170,15 +178,15 @@ class FlowBijector(tfb.Bijector):
     return self._own_keras_layers() + [layer for part in self.parts
                                        for layer in part.keras_layers]
 
-  def forward_and_log_det(self, x, training=False):
+  def forward_and_log_det(self, x, training=False, labels=None):
     """Returns `(forward(x), forward_log_det_jacobian(x))` from one pass."""
     x = self._checked(x, self.event_shape_in, 'forward')
-    return self._batched(self._forward_and_log_det, x, training)
+    return self._batched(self._forward_and_log_det, x, training, labels)
 
-  def inverse_and_log_det(self, y, training=False):
+  def inverse_and_log_det(self, y, training=False, labels=None):
     """Returns `(inverse(y), inverse_log_det_jacobian(y))` from one pass."""
     y = self._checked(y, self.event_shape_out, 'inverse')
-    return self._batched(self._inverse_and_log_det, y, training)
+    return self._batched(self._inverse_and_log_det, y, training, labels)
 
   def _checked(self, x, event_shape, direction):
     x = tf.convert_to_tensor(x)
@@ -196,36 +204,48 @@ class FlowBijector(tfb.Bijector):
         x = tf.identity(x)
     return x
 
-  @staticmethod
-  def _batched(fn, x, training):
+  def _batched(self, fn, x, training, labels):
+    if labels is None or not self._takes_labels:
+      call = lambda x: fn(x, training)  # pylint: disable=unnecessary-lambda-assignment
+    else:
+      labels = tf.convert_to_tensor(labels)
+      if not labels.dtype.is_integer:
+        raise TypeError(f'{self.name}: labels must be integers, got {labels.dtype.name}.')
+      labels = tf.cast(labels, tf.int32)
+      if not (x.shape.rank == 4 and labels.shape.rank == 1 and
+              labels.shape.is_compatible_with(x.shape[:1])):  # labels broadcast to x's batch
+        batch_shape = tf.broadcast_dynamic_shape(tf.shape(x)[:-3], tf.shape(labels))
+        x = tf.broadcast_to(x, tf.concat([batch_shape, x.shape[-3:].as_list()], axis=0))
+        labels = tf.reshape(tf.broadcast_to(labels, batch_shape), [-1])
+      call = lambda x: fn(x, training, labels)  # pylint: disable=unnecessary-lambda-assignment
     if x.shape.rank == 4:
-      return fn(x, training)
+      return call(x)
     batch_shape = tf.shape(x)[:-3]
-    y, log_det = fn(tf.reshape(x, [-1] + x.shape[-3:].as_list()), training)
+    y, log_det = call(tf.reshape(x, [-1] + x.shape[-3:].as_list()))
     y = tf.reshape(y, tf.concat([batch_shape, y.shape[-3:].as_list()], axis=0))
     return y, tf.reshape(log_det, batch_shape)
 
   # TFP's hooks, all views of the two one-pass methods. The cache calls the `_augmented_*` pair
   # and keeps the log-det as the attribute 'ildj' (log|det| of the inverse at the pair).
-  def _augmented_forward(self, x, training=False):
-    y, log_det = self.forward_and_log_det(x, training)
+  def _augmented_forward(self, x, training=False, labels=None):
+    y, log_det = self.forward_and_log_det(x, training, labels)
     return y, {'ildj': -log_det}
 
-  def _augmented_inverse(self, y, training=False):
-    x, log_det = self.inverse_and_log_det(y, training)
+  def _augmented_inverse(self, y, training=False, labels=None):
+    x, log_det = self.inverse_and_log_det(y, training, labels)
     return x, {'ildj': log_det}
 
-  def _forward(self, x, training=False):
-    return self.forward_and_log_det(x, training)[0]
+  def _forward(self, x, training=False, labels=None):
+    return self.forward_and_log_det(x, training, labels)[0]
 
-  def _inverse(self, y, training=False):
-    return self.inverse_and_log_det(y, training)[0]
+  def _inverse(self, y, training=False, labels=None):
+    return self.inverse_and_log_det(y, training, labels)[0]
 
-  def _forward_log_det_jacobian(self, x, training=False):
-    return self.forward_and_log_det(x, training)[1]
+  def _forward_log_det_jacobian(self, x, training=False, labels=None):
+    return self.forward_and_log_det(x, training, labels)[1]
 
-  def _inverse_log_det_jacobian(self, y, training=False):
-    return self.inverse_and_log_det(y, training)[1]
+  def _inverse_log_det_jacobian(self, y, training=False, labels=None):
+    return self.inverse_and_log_det(y, training, labels)[1]
 
   # Event shapes as TFP's `Reshape`: leading event dims are kept, the trailing [H, W, C] checked.
   def _forward_event_shape(self, input_shape):
@@ -307,17 +327,19 @@ class Sequential(FlowBijector):
   def parts(self):
     return tuple(self._bijectors)
 
-  def _forward_and_log_det(self, x, training):
+  _takes_labels = True
+
+  def _forward_and_log_det(self, x, training, labels=None):
     total = tf.zeros(tf.shape(x)[:1], x.dtype)
     for b in self._bijectors:
-      x, log_det = b.forward_and_log_det(x, training)
+      x, log_det = b.forward_and_log_det(x, training, labels)
       total += log_det
     return x, total
 
-  def _inverse_and_log_det(self, y, training):
+  def _inverse_and_log_det(self, y, training, labels=None):
     total = tf.zeros(tf.shape(y)[:1], y.dtype)
     for b in reversed(self._bijectors):
-      y, log_det = b.inverse_and_log_det(y, training)
+      y, log_det = b.inverse_and_log_det(y, training, labels)
       total += log_det
     return y, total
 
@@ -338,8 +360,10 @@ class Inverted(FlowBijector):
   def parts(self):
     return (self._bijector,)
 
-  def _forward_and_log_det(self, x, training):
-    return self._bijector.inverse_and_log_det(x, training)
+  _takes_labels = True
 
-  def _inverse_and_log_det(self, y, training):
-    return self._bijector.forward_and_log_det(y, training)
+  def _forward_and_log_det(self, x, training, labels=None):
+    return self._bijector.inverse_and_log_det(x, training, labels)
+
+  def _inverse_and_log_det(self, y, training, labels=None):
+    return self._bijector.forward_and_log_det(y, training, labels)

@@ -1,5 +1,6 @@
 """Real NVP's multi-scale architecture: scales of couplings with half the channels factored out."""
 
+import numpy as np
 import tensorflow as tf
 
 from tfp_realnvp.bijectors.affine_coupling import AffineCoupling, channel_mask, checkerboard
@@ -37,14 +38,16 @@ class FactorOut(FlowBijector):
   def _split(self, x):
     return tf.split(x, 2, axis=-1)
 
-  def _forward_and_log_det(self, x, training):
+  _takes_labels = True
+
+  def _forward_and_log_det(self, x, training, labels=None):
     factored, rest = self._split(x)
-    rest, log_det = self._bijector.forward_and_log_det(rest, training)
+    rest, log_det = self._bijector.forward_and_log_det(rest, training, labels)
     return tf.concat([factored, rest], axis=-1), log_det
 
-  def _inverse_and_log_det(self, y, training):
+  def _inverse_and_log_det(self, y, training, labels=None):
     factored, rest = self._split(y)
-    rest, log_det = self._bijector.inverse_and_log_det(rest, training)
+    rest, log_det = self._bijector.inverse_and_log_det(rest, training, labels)
     return tf.concat([factored, rest], axis=-1), log_det
 
 
@@ -127,3 +130,30 @@ def multiscale_flow(image_shape, num_scales, coupling_network, batch_statistics=
   image_shape = tuple(image_shape)
   return Sequential([Logit(image_shape, alpha=alpha, **common), scale_flow(image_shape, 0)],
                     validate_args=validate_args, name='real_nvp')
+
+
+def _depth_to_space(y):
+  """numpy `tf.nn.depth_to_space(y, 2)` for one `[h, w, 4C]` array (the `Squeeze` inverse)."""
+  h, w, c4 = y.shape
+  c = c4 // 4
+  return y.reshape(h, w, 2, 2, c).transpose(0, 2, 1, 3, 4).reshape(2 * h, 2 * w, c)
+
+
+def latent_groups(image_shape, num_scales, layout='real_nvp'):
+  """Where each factored-out part of `multiscale_flow`'s latent lies: an int array `[H, W, C]`
+  giving, for each element of the image-shaped latent, its group `(part, channel)` as one index;
+  part 0 (factored out at the finest scale) first, the last scale's output last, each part's
+  channels in order. E.g. a per-group mean `m[G]` is the latent-shaped `m[latent_groups(...)]`.
+  """
+  def groups(shape, scale, first):
+    h, w, c = shape
+    last = scale == num_scales - 1
+    if layout == 'real_nvp' and last:
+      return first + np.broadcast_to(np.arange(c), shape)
+    if last:  # glow: squeeze, couplings, un-squeeze
+      return _depth_to_space(first + np.broadcast_to(np.arange(4 * c), (h // 2, w // 2, 4 * c)))
+    factored = first + np.broadcast_to(np.arange(2 * c), (h // 2, w // 2, 2 * c))
+    rest = groups((h // 2, w // 2, 2 * c), scale + 1, first + 2 * c)
+    return _depth_to_space(np.concatenate([factored, rest], axis=-1))
+
+  return np.ascontiguousarray(groups(tuple(image_shape), 0, 0))
