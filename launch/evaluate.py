@@ -4,7 +4,9 @@
 
 Dequantization noise as in the paper (U[0, 1) per pixel), `--noise_draws` draws per image
 (seeded: the same number as launch.train's metrics.json for the same draws and batch size).
-Prints progress, then one JSON line: test bits/dim, step, noise draws, dataset.
+Prints progress, then one JSON line: test bits/dim, step, noise draws, dataset. For a
+class-conditional model: the bits/dim of p(x | y) given the test labels, and Bayes' classifier
+(argmax_y log p(x | y) + log p(y)): its test accuracy, and the bits/dim of the class mixture p(x).
 """
 
 import json
@@ -35,8 +37,15 @@ def main(argv):
   progress = training.Progress('evaluate', data.num_test)
   bits = training.evaluate_bits_per_dim(model, evaluation_batches(data, batch), FLAGS.noise_draws,
                                         progress=progress)
-  print(json.dumps({'test_bits_per_dim': bits, 'step': step, 'noise_draws': FLAGS.noise_draws,
-                    'dataset': data.name}), flush=True)
+  result = {'test_bits_per_dim': bits, 'step': step, 'noise_draws': FLAGS.noise_draws,
+            'dataset': data.name}
+  if model.num_classes:
+    classifier = training.evaluate_classifier(model, evaluation_batches(data, batch),
+                                              progress=training.Progress('classify',
+                                                                         data.num_test))
+    result.update(num_classes=model.num_classes, test_accuracy=classifier['accuracy'],
+                  test_marginal_bits_per_dim=classifier['marginal_bits_per_dim'])
+  print(json.dumps(result), flush=True)
 
 
 if __name__ == '__main__':

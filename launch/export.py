@@ -28,7 +28,7 @@ def main(argv):
              f'of {FLAGS.workdir}')
   export_saved_model(model, FLAGS.export_dir)
   common.say(f'exported step {step} (signatures: serving_default, log_prob, sample, encode, '
-             'decode)')
+             f'decode{", classify; each taking labels" if model.num_classes else ""})')
   common.wrote([f'{FLAGS.export_dir}/ (SavedModel)'])
 
 

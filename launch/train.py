@@ -61,7 +61,8 @@ class Throughput(keras.callbacks.Callback):
 def run_config(data, config, strategy):
   return {
       'model': config.to_dict(),
-      'data': {'dataset': data.name, 'data_dir': FLAGS.data_dir, 'image_size': FLAGS.image_size},
+      'data': {'dataset': data.name, 'data_dir': FLAGS.data_dir, 'image_size': FLAGS.image_size,
+               **({'class_names': list(data.class_names)} if data.labeled else {})},
       'train': {'batch_size': FLAGS.batch_size, 'epochs': FLAGS.epochs,
                 'replicas': strategy.num_replicas_in_sync, 'jit_compile': FLAGS.jit_compile,
                 'strategy': FLAGS.strategy, 'seed': FLAGS.seed, 'noise_draws': FLAGS.noise_draws},
@@ -74,7 +75,9 @@ def banner(model, config, data, strategy, global_batch, steps, start):
              f'block(s), {config.num_filters} features (preset {preset}), '
              f'{model.count_params():,} parameters, images {list(config.image_shape)}')
   common.say(f'  data: {data.name}, {_count(data.num_train)} train / {_count(data.num_test)} '
-             f'test images{" (streamed from disk)" if data.streamed else ""}')
+             f'test images{" (streamed from disk)" if data.streamed else ""}'
+             + (f'; class-conditional, {config.num_classes} classes' if config.num_classes
+                else ''))
   common.say(f'  strategy: {common.strategy_name(strategy)}, {strategy.num_replicas_in_sync} '
              f'replica(s), global batch {global_batch} ({FLAGS.batch_size} per replica), '
              f'{steps} steps/epoch, {FLAGS.epochs} epochs'
@@ -114,9 +117,10 @@ def main(argv):
       aside = training.set_aside_run(FLAGS.workdir)
       if aside:
         common.say(f'--restart: the previous run\'s files are in {aside}; starting from step 0.')
-  data = launch_flags.load_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
   saved = (training.read_run_config(FLAGS.workdir)['model']
            if os.path.exists(os.path.join(FLAGS.workdir, 'config.json')) else None)
+  data = launch_flags.load_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size,
+                                labels=launch_flags.wants_labels(saved))
   config = launch_flags.model_config(data, saved)  # a resumed run keeps its run settings
   global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
   steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
@@ -145,7 +149,7 @@ def main(argv):
   log_dir = os.path.join(FLAGS.workdir, 'logs')
   tensorboard = None
   if chief:
-    real = np.stack(list(data.test.take(36).as_numpy_iterator()))
+    real = np.stack([e[0] if data.labeled else e for e in data.test.take(36).as_numpy_iterator()])
     tensorboard = training.TensorBoardLogger(log_dir, FLAGS.log_every_steps,
                                              temperature=FLAGS.temperature, real_images=real,
                                              global_batch=global_batch)
@@ -171,7 +175,14 @@ def main(argv):
   test_bits = training.evaluate_bits_per_dim(model, evaluation_batches(data, global_batch),
                                              FLAGS.noise_draws, progress=progress)
   common.say(f'test bits/dim: {test_bits:.4f} ({data.name}, {FLAGS.noise_draws} noise draw(s) '
-             'per image)')
+             f'per image{", given the labels" if config.num_classes else ""})')
+  classifier = {}
+  if config.num_classes:
+    classifier = training.evaluate_classifier(
+        model, evaluation_batches(data, global_batch),
+        progress=training.Progress('Bayes classifier', data.num_test) if chief else None)
+    common.say(f'test accuracy of Bayes\' classifier: {classifier["accuracy"]:.4f}; class-mixture '
+               f'bits/dim {classifier["marginal_bits_per_dim"]:.4f}')
   if chief:
     tensorboard.write_test(test_bits, checkpointer.step)
     metrics_path = os.path.join(FLAGS.workdir, 'metrics.json')
@@ -180,9 +191,17 @@ def main(argv):
         'steps': checkpointer.step, 'epochs': FLAGS.epochs, 'steps_per_epoch': steps,
         'global_batch_size': global_batch, 'replicas': strategy.num_replicas_in_sync,
         'images_per_second': throughput.images_per_second, 'train_seconds': train_seconds,
-        'train_bits_per_dim': (history.get('bits_per_dim') or [None])[-1]})
+        'train_bits_per_dim': (history.get('bits_per_dim') or [None])[-1],
+        **({'test_accuracy': classifier['accuracy'],
+            'test_marginal_bits_per_dim': classifier['marginal_bits_per_dim'],
+            'num_classes': config.num_classes} if classifier else {})})
     samples = to_uint8(model.sample(64, FLAGS.temperature, seed=FLAGS.seed)).numpy()
     samples_path = save_png(samples, os.path.join(FLAGS.workdir, 'samples.png'))
+    if config.num_classes:
+      grid_path = os.path.join(FLAGS.workdir, 'class_grid.png')
+      save_png(to_uint8(training.class_samples(model, 8, FLAGS.temperature, FLAGS.seed)).numpy(),
+               grid_path, 8)
+      samples_path += f', {grid_path} (a row per class)'
     newest = checkpointer.steps_on_disk()
     common.wrote([os.path.join(FLAGS.workdir, 'config.json'),
                   *([os.path.join(checkpointer.directory, f'ckpt-{newest[0]}') +

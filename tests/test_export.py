@@ -176,3 +176,90 @@ def test_keras_export_path_serves_bits_per_dim(tmp_path):
   loaded = tf.saved_model.load(str(tmp_path / 'keras'))
   pixels = np.random.default_rng(0).uniform(0, 256, [3, 8, 8, 1]).astype(np.float32)
   np.testing.assert_allclose(loaded.serve(pixels), model.bits_per_dim(pixels), rtol=1e-5)
+
+
+# A class-conditional model's signatures, served without this package or TFP.
+SERVE_CONDITIONAL = r'''
+import json, sys
+sys.modules['tfp_realnvp'] = None
+sys.modules['tensorflow_probability'] = None
+import numpy as np
+import tensorflow as tf
+
+loaded = tf.saved_model.load(sys.argv[1])
+images = tf.constant(np.load(sys.argv[2]))
+labels = tf.constant([0, 2, 1, 2, 0], tf.int32)
+out = {'signatures': sorted(loaded.signatures)}
+out['log_prob'] = loaded.signatures['log_prob'](images=images, labels=labels)['log_prob'].numpy().tolist()
+latent = loaded.signatures['encode'](images=images, labels=labels)['latent']
+out['latent'] = latent.numpy().tolist()
+out['decoded'] = loaded.signatures['decode'](latent=latent, labels=labels)['images'].numpy().tolist()
+sample = lambda labels, s: loaded.signatures['sample'](
+    num_samples=tf.constant(len(labels)), temperature=tf.constant(0.7),
+    seed=tf.constant(s, tf.int64), labels=tf.constant(labels, tf.int32))['images']
+out['samples'] = sample([1, 1, 2], 5).numpy().tolist()
+out['same_seed_same_images'] = bool(np.array_equal(sample([1, 1, 2], 5), sample([1, 1, 2], 5)))
+classified = loaded.signatures['classify'](images=images)
+out['label'] = classified['label'].numpy().tolist()
+out['probabilities'] = classified['probabilities'].numpy().tolist()
+out['marginal'] = classified['log_prob'].numpy().tolist()
+errors = {}
+for name, request in {
+    'label_out_of_range': lambda: loaded.signatures['log_prob'](images=images, labels=labels + 2),
+    'too_few_labels': lambda: loaded.signatures['encode'](images=images, labels=labels[:2]),
+    'sample_labels_count': lambda: loaded.signatures['sample'](
+        num_samples=tf.constant(3), temperature=tf.constant(0.7), seed=tf.constant(1, tf.int64),
+        labels=tf.constant([0, 1], tf.int32)),
+}.items():
+  try:
+    request()
+    errors[name] = None
+  except Exception as e:
+    errors[name] = f'{type(e).__name__}: {e}'[:400]
+out['errors'] = errors
+print(json.dumps(out))
+'''
+
+
+def test_class_conditional_signatures_take_labels(tmp_path):
+  model = rn.RealNVP(CONFIG.replace(num_classes=3))
+  randomize(model.flow_layers, seed=0, scale=0.1, variance=(0.8, 1.2))
+  rng = np.random.default_rng(1)
+  for w in (model.prior.loc, model.prior.log_scale):
+    w.assign(rng.normal(0., 0.3, w.shape).astype(np.float32))
+  model.prior.class_counts.assign([5., 1., 2.])
+  path = rn.export_saved_model(model, str(tmp_path / 'model'))
+  images = np.random.default_rng(0).integers(0, 256, [5, 8, 8, 1], dtype=np.uint8)
+  np.save(tmp_path / 'images.npy', images)
+  result = subprocess.run([sys.executable, '-c', SERVE_CONDITIONAL, path,
+                           str(tmp_path / 'images.npy')], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  served = json.loads(result.stdout.strip().splitlines()[-1])
+  assert served['signatures'] == ['classify', 'decode', 'encode', 'log_prob', 'sample',
+                                  'serving_default']
+  labels = np.array([0, 2, 1, 2, 0])
+  centres = images.astype(np.float32) + 0.5
+  np.testing.assert_allclose(served['log_prob'], model.log_prob(centres, labels), rtol=1e-5)
+  np.testing.assert_allclose(served['latent'], model.encode(images, labels), rtol=1e-4,
+                             atol=1e-4)
+  assert np.abs(np.array(served['decoded']) - images.astype(int)).max() <= 1
+  expected = rn.to_uint8(model.decode(
+      model.prior.loc_and_log_scale(np.array([1, 1, 2]))[0] + 0.7 * np.exp(
+          model.prior.loc_and_log_scale(np.array([1, 1, 2]))[1]) * tf_normal([3, 8, 8, 1], 5),
+      [1, 1, 2]))
+  assert np.abs(np.array(served['samples']) - expected.numpy().astype(int)).max() <= 1
+  assert served['same_seed_same_images']
+  np.testing.assert_allclose(served['probabilities'], model.predict_proba(centres), rtol=1e-4,
+                             atol=1e-6)
+  assert served['label'] == model.classify(centres).numpy().tolist()
+  np.testing.assert_allclose(served['marginal'], model.distribution.log_prob(centres), rtol=1e-5)
+  errors = served['errors']
+  assert 'in [0, 3)' in errors['label_out_of_range']
+  assert 'expected labels of shape [N]' in errors['too_few_labels']
+  assert 'sample: expected labels' in errors['sample_labels_count']
+
+
+def tf_normal(shape, seed):
+  import tensorflow as tf
+  return tf.random.stateless_normal(shape, tf.constant([seed, 0], tf.int64))

@@ -216,6 +216,17 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
       lines = result['err'].strip().splitlines()
       assert len(lines) == 1 and message in lines[0], (flags, lines)
     assert time.time() - start < 60, flags  # no waiting on a download
+  # --conditional needs labels (the digits' npz has none); labels for an unconditional model.
+  with in_process('train', f'--workdir={tmp_path / "c"}', f'--dataset={digits[0]}', *SMALL,
+                  '--conditional') as result:
+    assert result['code'] == 2 and "lacks ['y_test', 'y_train']" in result['err']
+  np.save(tmp_path / 'few.npy', digits[1][:4])
+  for command, flags in (('score', [f'--images={tmp_path / "few.npy"}', '--label=1',
+                                    f'--out={tmp_path / "s.csv"}']),
+                         ('sample', ['--class_grid', f'--out={tmp_path / "g.png"}'])):
+    with in_process(command, f'--workdir={trained}', *flags) as result:
+      assert result['code'] == 2 and 'needs a class-conditional model' in result['err'], (
+          command, result['err'][-1000:])
   # The same in a real process: one line on stderr, exit status 2, no traceback.
   result = launch('evaluate', f'--workdir={tmp_path}/none')
   assert result.returncode == 2 and 'error: ' + f'{tmp_path}/none has no config.json' in \
@@ -231,3 +242,4 @@ def test_train_with_glows_layers_from_flags(digits, tmp_path):
   assert (model['normalization'], model['mixing']) == ('actnorm', '1x1_conv')
   assert 0 < _metrics(workdir)['test_bits_per_dim'] < 20
   ok(launch('evaluate', f'--workdir={workdir}'))
+

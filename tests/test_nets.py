@@ -297,3 +297,17 @@ def test_residual_block_keeps_only_the_convolution_inputs_of_its_batch_norms():
   kept = _saved_activations(False)
   assert sorted(op for op, _ in kept) == ['BiasAdd', 'Placeholder', 'Relu', 'Relu']
   assert sorted(op for op, _ in _saved_activations(True)) == ['BiasAdd', 'Placeholder']
+
+
+def test_one_graph_may_run_many_flow_passes_at_once():
+  # Independent passes in one graph (a log-density per class, several dequantization draws) run
+  # concurrently. Through one shared block function they shared its oneDNN kernels and the
+  # process crashed (a segmentation fault by the third call on this machine's CPU).
+  from tfp_realnvp import RealNVP
+  model = RealNVP('mnist', image_shape=(8, 8, 1), num_scales=2, num_blocks=1, num_filters=8)
+  passes = lambda x: tf.stack([model.log_prob(x + 0.01 * k) for k in range(10)], -1)  # noqa: E731
+  traced = tf.function(passes)
+  x = tf.random.stateless_uniform([32, 8, 8, 1], [0, 1], 1., 255.)
+  expected = passes(x)
+  for seed in range(30):  # a race: it may take a few calls
+    np.testing.assert_allclose(traced(tf.identity(x)), expected, rtol=1e-5)

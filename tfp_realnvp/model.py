@@ -401,6 +401,13 @@ class RealNVP(keras.Model):
     return tf.stack([self.log_prob(pixels, tf.fill([count], k))
                      for k in range(self.num_classes)], axis=-1)
 
+  def marginal_log_prob(self, images, seed=None):
+    """`log p(x) = log sum_y p(y) p(x | y)` (the class mixture, `model.distribution`'s density)
+    in nats, `[N]`, from `class_log_likelihoods`: the density to score images whose class is
+    unknown (e.g. out-of-distribution detection)."""
+    return tf.reduce_logsumexp(self.class_log_likelihoods(images, seed) + self.class_log_prior(),
+                               axis=-1)
+
   def predict_proba(self, images, seed=None):
     """The posterior `p(y | x) = p(x | y) p(y) / sum_y' p(x | y') p(y')`, `[N, num_classes]`,
     with `p(y)` from the training labels (`class_log_prior`)."""

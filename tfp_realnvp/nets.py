@@ -288,16 +288,21 @@ class ResidualBlock(keras.layers.Layer):
             self.norm2.moving_mean, self.norm2.moving_variance]
 
   def call(self, x, training=False):
-    y, updated = _block_function(self.synchronized)(
+    y, updated = _block_function(self.synchronized, bool(training))(
         x, *self.weights_for_call, bool(training), self.momentum, EPSILON, self.synchronized)
     _assign(self.moving_variables, updated)
     return y
 
 
-def _block_function(synchronized):
-  """One traced function for every block of a shape, where batch statistics need no
-  cross-replica sync (which cannot run inside a nested tf.function)."""
-  return _residual_block_function if _local(synchronized) else residual_block
+def _block_function(synchronized, training):
+  """One traced function for every block of a shape in training, where batch statistics need no
+  cross-replica sync (which cannot run inside a nested tf.function).
+
+  Not in inference: there one graph may run several flow passes at once (a log-density per
+  class, several dequantization draws), and calls of one shared function run concurrently on
+  its single set of kernels, which oneDNN's CPU kernels do not survive (a segmentation fault;
+  `tests/test_nets.py`). A training step's blocks run one after another."""
+  return _residual_block_function if training and _local(synchronized) else residual_block
 
 
 class CouplingNet(keras.layers.Layer):
@@ -397,7 +402,7 @@ class CouplingNet(keras.layers.Layer):
     for bias in class_bias:  # [N, 1, 1, F]: the class's bias
       h += bias
     for block in blocks:
-      h, block_updated = _block_function(self.synchronized)(
+      h, block_updated = _block_function(self.synchronized, training)(
           h, *block, training, self.momentum, EPSILON, self.synchronized)
       updated += block_updated
     if hidden:

@@ -641,7 +641,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
     the learning rate, and images/s;
   - `logs/validation`: `bits_per_dim` and `loss` at each epoch's end; `logs/test`: the final
     test bits/dim (`write_test`);
-  - `logs/images`: a grid of real test images (once) and samples at each epoch's end.
+  - `logs/images`: a grid of real test images (once) and samples at each epoch's end (for a
+    class-conditional model also `class_grid`: one row of samples per class).
   """
 
   def __init__(self, log_dir, every_steps=100, num_samples=36, temperature=0.7, real_images=None,
@@ -699,6 +700,10 @@ class TensorBoardLogger(keras.callbacks.Callback):
                                                  seed=0)).numpy())
     with self.writer('images').as_default():
       tf.summary.image(f'samples_t{self.temperature}', grid[None], step=self._step)
+      if self.model.num_classes:
+        samples = to_uint8(class_samples(self.model, temperature=self.temperature)).numpy()
+        tf.summary.image(f'class_grid_t{self.temperature}', image_grid(samples, columns=8)[None],
+                         step=self._step)
     self.writer('images').flush()
 
   def write_test(self, bits_per_dim, step):
@@ -706,26 +711,33 @@ class TensorBoardLogger(keras.callbacks.Callback):
     self._scalars('test', {'bits_per_dim': bits_per_dim}, step)
 
 
+def _images_and_labels(batch):
+  return tuple(batch) if isinstance(batch, (tuple, list)) else (batch, None)
+
+
 def evaluate_bits_per_dim(model, batches, noise_draws=1, seed=0, progress=None):
-  """Mean bits/dim over every image of `batches` (uint8), averaging the log-density over
-  `noise_draws` dequantization draws per image. Seeded per batch, so it is repeatable.
+  """Mean bits/dim over every image of `batches` (uint8; `(images, labels)` for a
+  class-conditional model: then of `p(x | y)`), averaging the log-density over `noise_draws`
+  dequantization draws per image. Seeded per batch, so it is repeatable.
   `progress`: a `Progress`, updated with the images done."""
   batch_sum = _batch_sums.setdefault(model, {}).get(noise_draws)
   if batch_sum is None:  # one traced function per model, reused by later evaluations
     model_ref = weakref.ref(model)  # a strong reference would keep the model alive
 
     @tf.function(reduce_retracing=True)
-    def batch_sum(images, batch_seed):
+    def batch_sum(images, labels, batch_seed):
       total = tf.zeros([], tf.float64)
       for draw in range(noise_draws):
-        bits = model_ref().bits_per_dim(images, seed=batch_seed * noise_draws + draw + 1)
+        bits = model_ref().bits_per_dim(images, labels,
+                                        seed=batch_seed * noise_draws + draw + 1)
         total += tf.reduce_sum(tf.cast(bits, tf.float64))
       return total / noise_draws
     _batch_sums[model][noise_draws] = batch_sum
 
   total, count = 0., 0
-  for index, images in enumerate(batches):
-    total += float(batch_sum(images, tf.constant(seed * 1_000_003 + index, tf.int64)))
+  for index, batch in enumerate(batches):
+    images, labels = _images_and_labels(batch)
+    total += float(batch_sum(images, labels, tf.constant(seed * 1_000_003 + index, tf.int64)))
     count += int(images.shape[0])
     if progress is not None:
       progress.update(count)
@@ -739,6 +751,47 @@ def evaluate_bits_per_dim(model, batches, noise_draws=1, seed=0, progress=None):
 
 
 _batch_sums = weakref.WeakKeyDictionary()
+
+
+def evaluate_classifier(model, batches, seed=0, progress=None):
+  """Bayes' classifier of a class-conditional model on labelled `batches` `(images, labels)`:
+  `{'accuracy': fraction of argmax_y log p(x | y) + log p(y) equal to the label,
+  'marginal_bits_per_dim': -log p(x) / (D ln 2), p(x) = sum_y p(y) p(x | y), 'count'}`. One
+  seeded dequantization draw per image (the same for every class)."""
+  num_dims = math.prod(model.image_shape)
+
+  @tf.function(reduce_retracing=True)
+  def batch_results(images, labels, batch_seed):
+    joint = model.class_log_likelihoods(images, seed=batch_seed) + model.class_log_prior()
+    right = tf.equal(tf.argmax(joint, -1, output_type=tf.int32), tf.cast(labels, tf.int32))
+    marginal = -tf.reduce_logsumexp(tf.cast(joint, tf.float64), -1) / (num_dims * math.log(2.))
+    return tf.reduce_sum(tf.cast(right, tf.int64)), tf.reduce_sum(marginal)
+
+  right, marginal, count = 0, 0., 0
+  for index, batch in enumerate(batches):
+    images, labels = _images_and_labels(batch)
+    if labels is None:
+      raise RunError('evaluate_classifier needs labelled batches (images, labels).')
+    batch_right, batch_marginal = batch_results(
+        images, labels, tf.constant(seed * 1_000_003 + index + 1, tf.int64))
+    right, marginal = right + int(batch_right), marginal + float(batch_marginal)
+    count += int(images.shape[0])
+    if progress is not None:
+      progress.update(count)
+  if progress is not None:
+    progress.close()
+  if count == 0:
+    raise RunError('The evaluation split is empty.')
+  if not math.isfinite(marginal):
+    raise RunError('The class log-likelihoods are not finite: the model has diverged.')
+  return {'accuracy': right / count, 'marginal_bits_per_dim': marginal / count, 'count': count}
+
+
+def class_samples(model, per_class=8, temperature=0.7, seed=0):
+  """`per_class` samples (float pixels) of each class of a class-conditional model, class by
+  class (`image_grid(to_uint8(...), columns=per_class)`: a row per class)."""
+  labels = np.repeat(np.arange(model.num_classes), per_class)
+  return model.sample(len(labels), temperature, seed=seed, labels=labels)
 
 
 def steps_per_epoch(num_train, global_batch_size, requested=None):
@@ -773,16 +826,17 @@ def fit_resumable(model, batches, epochs, steps, start_step, callbacks, verbose=
   return history
 
 
-def latent_manifold(model, images, size=8):
+def latent_manifold(model, images, size=8, label=None):
   """The paper's latent manifold picture: decodes
   z = cos(a) (cos(b) z1 + sin(b) z2) + sin(a) (cos(b) z3 + sin(b) z4), a, b in [0, pi/2] on a
-  `size` x `size` grid, from four encoded images. Returns `size**2` float images."""
-  z1, z2, z3, z4 = tf.unstack(model.encode(images[:4]))
+  `size` x `size` grid, from four encoded images (of the class `label`, for a class-conditional
+  model: encoded and decoded with it). Returns `size**2` float images."""
+  z1, z2, z3, z4 = tf.unstack(model.encode(images[:4], label))
   angles = np.linspace(0., math.pi / 2, size)
   latents = [math.cos(a) * (math.cos(b) * z1 + math.sin(b) * z2)
              + math.sin(a) * (math.cos(b) * z3 + math.sin(b) * z4)
              for a in angles for b in angles]
-  return model.decode(tf.stack(latents))
+  return model.decode(tf.stack(latents), label)
 
 
 def restore_model(workdir):
