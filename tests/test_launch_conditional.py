@@ -53,7 +53,13 @@ def test_class_conditional_run_from_flags(labelled_digits, tmp_path):
     assert run['code'] == 0, run['err']
   with Image.open(grid_png) as grid:
     assert grid.size == (3 * 9 + 1, 10 * 9 + 1)
-  assert any('events' in name for name in os.listdir(os.path.join(workdir, 'logs', 'images')))
+  # TensorBoard: a class grid from training's epoch end and one from launch.sample.
+  import tensorflow as tf
+  images_dir = os.path.join(workdir, 'logs', 'images')
+  grids = [value for name in os.listdir(images_dir)
+           for event in tf.compat.v1.train.summary_iterator(os.path.join(images_dir, name))
+           for value in event.summary.value if value.tag == 'class_grid_t0.7']
+  assert len(grids) == 2
   with in_process('sample', f'--workdir={workdir}', '--label=3', '--num=4',
                   f'--out={tmp_path / "threes.png"}') as run:
     assert run['code'] == 0, run['err']
