@@ -129,6 +129,10 @@ def test_sampling_a_chosen_class_decodes_its_gaussian():
   model.prior.class_counts.assign([0., 0., 5.])
   drawn = model.sample(3, temperature=0.7, seed=5)
   np.testing.assert_allclose(drawn, model.sample(3, temperature=0.7, seed=5, labels=2))
+  # The class grid's samples: class by class, the first num_classes classes if asked.
+  assert training.class_samples(model, per_class=2, num_classes=2, seed=3).shape == (4, 8, 8, 1)
+  np.testing.assert_allclose(training.class_samples(model, per_class=2, seed=3),
+                             model.sample(6, 0.7, seed=3, labels=[0, 0, 1, 1, 2, 2]))
   # TFP's way: one image per label, or sample_shape + labels' shape.
   given = model.distribution_given([0, 1])
   assert given.batch_shape == [2] and given.event_shape == [8, 8, 1]

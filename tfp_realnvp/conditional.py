@@ -74,9 +74,6 @@ class ClassConditionalPrior(keras.layers.Layer):
       counts = context.all_reduce(tf.distribute.ReduceOp.SUM, counts)
     self.class_counts.assign_add(counts)
 
-  def call(self, labels):
-    return self.loc_and_log_scale(labels)
-
 
 class ClassConditionalNormal(tfd.Distribution):
   """`N(mu_y, diag(sigma_y^2))` on `[H, W, C]` latents for the classes `labels` (batch shape
@@ -95,7 +92,7 @@ class ClassConditionalNormal(tfd.Distribution):
       self._labels = tf.convert_to_tensor(labels, tf.int32, name='labels')
       self._prior = prior
       self._keras_variables = _KerasVariables(lambda: [prior])  # tf.Module sees the variables
-      super().__init__(dtype=prior.variable_dtype and tf.as_dtype(prior.variable_dtype),
+      super().__init__(dtype=tf.as_dtype(prior.variable_dtype),
                        reparameterization_type=reparameterization.FULLY_REPARAMETERIZED,
                        validate_args=validate_args, allow_nan_stats=allow_nan_stats,
                        parameters=parameters, name=name)

@@ -1,7 +1,7 @@
 """Image data for training and evaluation: TFDS with the paper's preprocessing, local files, and
 real digits that ship with a dependency. Everything yields uint8 `[H, W, C]` images; the model
 dequantizes each batch. With `labels=True` (a class-conditional model), every source yields
-`(image, label)` pairs, the label an int32 class index, and says how many classes there are:
+`(image, label)` pairs, the label an int32 class index, and says how many classes there are.
 
 Sources (`load(name, ...)`):
   mnist, fashion_mnist, cifar10, celeb_a, imagenet_resized/32x32, imagenet_resized/64x64,
@@ -113,20 +113,20 @@ def _from_arrays(name, train, test, train_labels=None, test_labels=None, class_n
   if train.shape[1:] != test.shape[1:]:
     raise DataError(f'{name}: train images are {list(train.shape[1:])} but test images are '
                     f'{list(test.shape[1:])}.')
-  num_classes = None
-  if train_labels is not None:
-    train_labels = as_labels(train_labels, len(train), f'{name} train labels')
-    test_labels = as_labels(test_labels, len(test), f'{name} test labels')
-    num_classes = len(class_names) if class_names else int(
-        max(train_labels.max(), test_labels.max())) + 1
-    train, test = (train, train_labels), (test, test_labels)
-  return Data(name, tf.data.Dataset.from_tensor_slices(train),
-              tf.data.Dataset.from_tensor_slices(test), tuple(np.shape(
-                  train[0] if num_classes else train)[1:]),
-              len(train_labels if num_classes else train),
-              len(test_labels if num_classes else test), num_classes=num_classes,
-              class_names=class_names or (tuple(map(str, range(num_classes)))
-                                          if num_classes else None))
+  shape, sizes = tuple(train.shape[1:]), (len(train), len(test))
+  if train_labels is None:
+    return Data(name, tf.data.Dataset.from_tensor_slices(train),
+                tf.data.Dataset.from_tensor_slices(test), shape, *sizes)
+  train_labels = as_labels(train_labels, len(train), f'{name} train labels')
+  test_labels = as_labels(test_labels, len(test), f'{name} test labels')
+  largest = int(max(train_labels.max(), test_labels.max()))
+  class_names = class_names or tuple(str(k) for k in range(largest + 1))
+  if largest >= len(class_names):
+    raise DataError(f'{name}: labels go up to {largest}, but there are {len(class_names)} '
+                    'classes.')
+  return Data(name, tf.data.Dataset.from_tensor_slices((train, train_labels)),
+              tf.data.Dataset.from_tensor_slices((test, test_labels)), shape, *sizes,
+              num_classes=len(class_names), class_names=class_names)
 
 
 def _split(images, test_fraction, labels=None):

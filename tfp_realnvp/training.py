@@ -633,6 +633,9 @@ class _WindowMeans:
     return window
 
 
+CLASS_GRID_ROWS = 20  # classes in TensorBoard's class grid at each epoch's end (8 samples each)
+
+
 class TensorBoardLogger(keras.callbacks.Callback):
   """TensorBoard, every figure at the global step (the optimizer's step counter), so scalars
   and pictures line up and a resumed run continues its curves:
@@ -642,7 +645,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
   - `logs/validation`: `bits_per_dim` and `loss` at each epoch's end; `logs/test`: the final
     test bits/dim (`write_test`);
   - `logs/images`: a grid of real test images (once) and samples at each epoch's end (for a
-    class-conditional model also `class_grid`: one row of samples per class).
+    class-conditional model also `class_grid`: a row of samples per class, the first
+    `CLASS_GRID_ROWS` classes).
   """
 
   def __init__(self, log_dir, every_steps=100, num_samples=36, temperature=0.7, real_images=None,
@@ -701,7 +705,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
     with self.writer('images').as_default():
       tf.summary.image(f'samples_t{self.temperature}', grid[None], step=self._step)
       if self.model.num_classes:
-        samples = to_uint8(class_samples(self.model, temperature=self.temperature)).numpy()
+        samples = to_uint8(class_samples(self.model, temperature=self.temperature,
+                                         num_classes=CLASS_GRID_ROWS)).numpy()
         tf.summary.image(f'class_grid_t{self.temperature}', image_grid(samples, columns=8)[None],
                          step=self._step)
     self.writer('images').flush()
@@ -787,10 +792,12 @@ def evaluate_classifier(model, batches, seed=0, progress=None):
   return {'accuracy': right / count, 'marginal_bits_per_dim': marginal / count, 'count': count}
 
 
-def class_samples(model, per_class=8, temperature=0.7, seed=0):
-  """`per_class` samples (float pixels) of each class of a class-conditional model, class by
-  class (`image_grid(to_uint8(...), columns=per_class)`: a row per class)."""
-  labels = np.repeat(np.arange(model.num_classes), per_class)
+def class_samples(model, per_class=8, temperature=0.7, seed=0, num_classes=None):
+  """`per_class` samples (float pixels) of each class of a class-conditional model (of its first
+  `num_classes` classes if given), class by class (`image_grid(to_uint8(...),
+  columns=per_class)`: a row per class)."""
+  labels = np.repeat(np.arange(min(num_classes or model.num_classes, model.num_classes)),
+                     per_class)
   return model.sample(len(labels), temperature, seed=seed, labels=labels)
 
 
