@@ -82,3 +82,11 @@ def test_class_conditional_run_from_flags(labelled_digits, tmp_path):
                     f'--out={scores}', *extra, required=('workdir', 'images')) as run:
       assert run['code'] == 0, run['err']
     assert note in run['out']
+
+
+def test_score_takes_labels_from_class_folders_named_as_the_runs_classes():
+  from launch import score
+  names = [os.path.join('3', 'a.png'), os.path.join('1', 'deeper', 'b.png')]
+  assert score._folder_labels('x', names, ['1', '3']).tolist() == [1, 0]  # pylint: disable=protected-access
+  assert score._folder_labels('x', ['a.png'], ['1', '3']) is None  # loose images: no labels  # pylint: disable=protected-access
+  assert score._folder_labels('x', [os.path.join('7', 'a.png')], ['1', '3']) is None  # pylint: disable=protected-access
