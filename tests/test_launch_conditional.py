@@ -60,6 +60,12 @@ def test_class_conditional_run_from_flags(labelled_digits, tmp_path):
            for event in tf.compat.v1.train.summary_iterator(os.path.join(images_dir, name))
            for value in event.summary.value if value.tag == 'class_grid_t0.7']
   assert len(grids) == 2
+  # The latent manifold of 4 test images of one class, encoded and decoded with it.
+  with in_process('sample', f'--workdir={workdir}', '--interpolate', '--grid_size=2',
+                  '--label=4', f'--out={tmp_path / "manifold.png"}') as run:
+    assert run['code'] == 0, run['err']
+  with Image.open(tmp_path / 'manifold.png') as grid:
+    assert grid.size == (2 * 9 + 1, 2 * 9 + 1)
   with in_process('sample', f'--workdir={workdir}', '--label=3', '--num=4',
                   f'--out={tmp_path / "threes.png"}') as run:
     assert run['code'] == 0, run['err']
