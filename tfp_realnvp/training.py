@@ -739,10 +739,27 @@ def evaluate_bits_per_dim(model, batches, noise_draws=1, seed=0, progress=None):
       return total / noise_draws
     _batch_sums[model][noise_draws] = batch_sum
 
-  total, count = 0., 0
+  (total,), count = _sums_over_batches(batch_sum, batches, seed, progress)
+  if not math.isfinite(total):
+    raise RunError(f'The test bits/dim is not finite ({total / count}): the model has diverged.')
+  return total / count
+
+
+_batch_sums = weakref.WeakKeyDictionary()
+
+
+def _sums_over_batches(batch_sums, batches, seed, progress, labelled=False):
+  """`(sums, image count)`: the elementwise sums of `batch_sums(images, labels, batch_seed)`
+  (a tuple of scalars) over `batches`, each batch seeded by its index; `progress` updated with
+  the images done. An empty split is a `RunError`."""
+  sums, count = None, 0
   for index, batch in enumerate(batches):
     images, labels = _images_and_labels(batch)
-    total += float(batch_sum(images, labels, tf.constant(seed * 1_000_003 + index, tf.int64)))
+    if labelled and labels is None:
+      raise RunError('Labelled batches (images, labels) expected.')
+    values = batch_sums(images, labels, tf.constant(seed * 1_000_003 + index, tf.int64))
+    values = [float(v) for v in tf.nest.flatten(values)]
+    sums = values if sums is None else [a + b for a, b in zip(sums, values)]
     count += int(images.shape[0])
     if progress is not None:
       progress.update(count)
@@ -750,12 +767,7 @@ def evaluate_bits_per_dim(model, batches, noise_draws=1, seed=0, progress=None):
     progress.close()
   if count == 0:
     raise RunError('The evaluation split is empty.')
-  if not math.isfinite(total):
-    raise RunError(f'The test bits/dim is not finite ({total / count}): the model has diverged.')
-  return total / count
-
-
-_batch_sums = weakref.WeakKeyDictionary()
+  return sums, count
 
 
 def evaluate_classifier(model, batches, seed=0, progress=None):
@@ -770,23 +782,10 @@ def evaluate_classifier(model, batches, seed=0, progress=None):
     joint = model.class_log_likelihoods(images, seed=batch_seed) + model.class_log_prior()
     right = tf.equal(tf.argmax(joint, -1, output_type=tf.int32), tf.cast(labels, tf.int32))
     marginal = -tf.reduce_logsumexp(tf.cast(joint, tf.float64), -1) / (num_dims * math.log(2.))
-    return tf.reduce_sum(tf.cast(right, tf.int64)), tf.reduce_sum(marginal)
+    return tf.reduce_sum(tf.cast(right, tf.float64)), tf.reduce_sum(marginal)
 
-  right, marginal, count = 0, 0., 0
-  for index, batch in enumerate(batches):
-    images, labels = _images_and_labels(batch)
-    if labels is None:
-      raise RunError('evaluate_classifier needs labelled batches (images, labels).')
-    batch_right, batch_marginal = batch_results(
-        images, labels, tf.constant(seed * 1_000_003 + index + 1, tf.int64))
-    right, marginal = right + int(batch_right), marginal + float(batch_marginal)
-    count += int(images.shape[0])
-    if progress is not None:
-      progress.update(count)
-  if progress is not None:
-    progress.close()
-  if count == 0:
-    raise RunError('The evaluation split is empty.')
+  (right, marginal), count = _sums_over_batches(batch_results, batches, seed, progress,
+                                                labelled=True)
   if not math.isfinite(marginal):
     raise RunError('The class log-likelihoods are not finite: the model has diverged.')
   return {'accuracy': right / count, 'marginal_bits_per_dim': marginal / count, 'count': count}
