@@ -210,9 +210,10 @@ def test_backward_calls_of_the_shared_block_function_get_no_constant_inputs():
   for call in calls:
     assert not [i.op.type for i in call.inputs if i.op.type == 'Const']
   # The running averages are still updated (they leave the function as bits).
-  before = net.blocks[0].norm1.moving_mean.numpy().copy()
+  before = net.blocks.moving_mean.numpy().copy()
   gradient(tf.identity(x))
-  assert not np.allclose(before, net.blocks[0].norm1.moving_mean.numpy())
+  changed = np.abs(net.blocks.moving_mean.numpy() - before).max(axis=-1)  # [block, unit]
+  assert (changed > 0).all()
 
 
 def _unit_inputs(dtype, seed=0, channels=5):

@@ -101,8 +101,7 @@ def convolutions(model, batch_size):
   shapes = []
   for coupling in couplings(model.flow):
     height, width, _ = coupling.event_shape_in
-    for layer in coupling.network.convolution_layers:
-      kernel = tuple(layer.v.shape)
+    for kernel in coupling.network.kernel_shapes:
       shapes.append(((batch_size, height, width, kernel[2]), kernel,
                      (batch_size, height, width, kernel[3])))
   return shapes
