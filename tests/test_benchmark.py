@@ -134,8 +134,9 @@ def test_the_port_is_compared_only_as_measured_in_the_same_run(tmp_path):
 
 def _synchronized_batch_norms(model):
   from tfp_realnvp.bijectors.batch_norm import BatchStatistics
-  from tfp_realnvp.nets import BatchNormalization
-  return sum(isinstance(layer, (BatchNormalization, BatchStatistics))
+  from tfp_realnvp.nets import BatchNormalization, ResidualBlocks
+  return sum(isinstance(layer, (BatchNormalization, BatchStatistics)) +
+             (2 * layer.num_blocks if isinstance(layer, ResidualBlocks) else 0)
              for layer in model._flatten_layers())
 
 

@@ -190,30 +190,44 @@ def test_residual_blocks_of_one_shape_share_one_trace():
   assert nets._residual_block_traced.experimental_get_tracing_count() == before + 1
 
 
-def test_backward_calls_of_the_shared_block_function_get_no_constant_inputs():
+def _backward_calls(graph):
+  return [op for op in graph.get_operations() if op.type.endswith('PartitionedCall') and
+          op.get_attr('f').name.startswith('__inference___backward')]
+
+
+def test_backward_calls_of_the_shared_functions_get_no_constant_inputs():
   # Constant inputs (zero gradients for the running averages' updates) made grappler specialize
-  # the shared backward function per call site: a copy optimized and instantiated per block.
-  net = nets.CouplingNet(channels=2, num_filters=4, num_blocks=2)
+  # a shared backward function per call site: a copy optimized and instantiated per block.
+  first, second = (nets.CouplingNet(channels=2, num_filters=4, num_blocks=2) for _ in range(2))
   x = tf.random.normal([2, 4, 4, 2])
-  net.build(x.shape)
+  first.build(x.shape)
+  second.build(x.shape)
+  weights = first.trainable_weights + second.trainable_weights
 
   @tf.function
   def gradient(x):
     with tf.GradientTape() as tape:
-      s, t = net(x, training=True)
+      s, t = first(x, training=True)
+      s, t = second(x + s + t, training=True)  # (s = t = 0 at the start)
       loss = tf.reduce_sum(s) + tf.reduce_sum(t)
-    return tape.gradient(loss, net.trainable_weights)
+    return tape.gradient(loss, weights)
   graph = gradient.get_concrete_function(x).graph
-  calls = [op for op in graph.get_operations() if op.type.endswith('PartitionedCall') and
-           op.get_attr('f').name.startswith('__inference___backward')]
-  assert len(calls) == 2  # one per block
-  for call in calls:
+  network_calls = _backward_calls(graph)  # one per network, of one shared function
+  assert len(network_calls) == 2
+  assert len({call.get_attr('f').name for call in network_calls}) == 1
+  network = graph._functions[network_calls[0].get_attr('f').name].graph
+  block_calls = _backward_calls(network)
+  assert len(block_calls) == 2  # one per block
+  for call in network_calls + block_calls:
     assert not [i.op.type for i in call.inputs if i.op.type == 'Const']
-  # The running averages are still updated (they leave the function as bits).
-  before = net.blocks.moving_mean.numpy().copy()
+  # The running averages are still updated (they leave the functions as bits).
+  before = [(net.blocks.moving_mean.numpy(), net.norm_out.moving_mean.numpy())
+            for net in (first, second)]
   gradient(tf.identity(x))
-  changed = np.abs(net.blocks.moving_mean.numpy() - before).max(axis=-1)  # [block, unit]
-  assert (changed > 0).all()
+  for net, (blocks, out) in zip((first, second), before):
+    changed = np.abs(net.blocks.moving_mean.numpy() - blocks).max(axis=-1)  # [block, unit]
+    assert (changed > 0).all()
+    assert (net.norm_out.moving_mean.numpy() != out).all()
 
 
 def _unit_inputs(dtype, seed=0, channels=5):

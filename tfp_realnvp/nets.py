@@ -167,6 +167,54 @@ def _residual_block_function(x, norm1, conv1, norm2, conv2, *args):
   return y, tuple(tf.bitcast(u, norm1[2].dtype) for u in updated)
 
 
+def coupling_network(x, weights, training, momentum, synchronized=True, conv_dtype='float32'):
+  """Real NVP's s/t network from its weights: `(s, t, *updated running averages)`, with no side
+  effects (so a backward pass may run it again, and one traced function may serve every network
+  of a shape). `weights`: `[conv_in, class_bias, blocks, hidden, norm_out, conv_out, scale]`, as
+  `CouplingNet.call` gathers them; the output convolution runs in `conv_dtype`."""
+  conv_in, class_bias, blocks, hidden, norm_out, conv_out, scale = weights
+  h = weight_norm_conv(x, *conv_in)
+  for bias in class_bias:  # [N, 1, 1, F]: the class's bias
+    h += bias
+  updated = ()
+  if blocks:
+    h, updated = residual_blocks(h, blocks, training, momentum, EPSILON, synchronized)
+  if hidden:
+    h, hidden_updated = bn_relu_conv(h, *hidden, training, momentum, EPSILON,
+                                     synchronized=synchronized)
+    updated += hidden_updated
+  # Under mixed precision, s and t come from a float32 convolution: their rounding would
+  # otherwise enter the log-det and the latent directly (a small share of the FLOPs).
+  h, out_updated = bn_relu_conv(h, norm_out, conv_out, training, momentum, EPSILON,
+                                conv_dtype=conv_dtype, synchronized=synchronized)
+  raw_s, t = tf.split(h, 2, axis=-1)
+  return (scale * tf.tanh(raw_s), t, *updated, *out_updated)
+
+
+def _network_with_updates_as_bits(x, weights, *args):
+  s, t, *updated = coupling_network(x, weights, *args)
+  return (s, t, *(_bits(u) for u in updated))
+
+
+# In training, one traced function per shape serves every coupling network of that shape (a
+# `cifar10` model has 10 networks in 3 shapes), for the reasons of `_residual_block_traced`.
+_network_traced = tf.function(_network_with_updates_as_bits, autograph=False,
+                              experimental_attributes={'_noinline': True})
+
+
+def _shared_network(x, weights, *args):
+  """`coupling_network` through the shared traced function."""
+  s, t, *updated = _network_traced(x, weights, *args)
+  dtype = weights[4][2].dtype  # the running averages'
+  return (s, t, *(tf.bitcast(u, dtype) for u in updated))
+
+
+def _network_function(training, synchronized):
+  """The shared traced network in training with local batch statistics (see `_block_function`),
+  `coupling_network` itself otherwise."""
+  return _shared_network if training and _local(synchronized) else coupling_network
+
+
 @keras.saving.register_keras_serializable(package='tfp_realnvp')
 class L2(keras.regularizers.Regularizer):
   """`l2 * sum(x^2)`, Keras' `L2` as one op (`tf.nn.l2_loss`), whose gradient is one op too
@@ -269,15 +317,36 @@ def _he_normal_per_kernel(shape, dtype=None):
       stddev=math.sqrt(2. / fan_in) / .87962566103423978)(shape, dtype)
 
 
-def residual_blocks(x, blocks, training, momentum, epsilon, synchronized=True):
-  """`residual_block` after `residual_block` (`blocks`: each block's `(norm1, conv1, norm2,
-  conv2)`); returns `(y, updated running averages)`, four per block, in order."""
+def unstack_blocks(stacked):
+  """Each block's `(norm1, conv1, norm2, conv2)` (`residual_block`'s weights) from the stacked
+  `(v, g, bias, gamma, beta, moving_mean, moving_variance)`, each `[num_blocks, 2, ...]`: one op
+  per stacked tensor (`tf.unstack`; its gradient is one op too)."""
+  num_blocks = stacked[0].shape[0]
+
+  def units(*tensors):  # a tuple of slices per unit; block b's units are 2b and 2b + 1
+    return list(zip(*(tf.unstack(tf.reshape(w, [2 * num_blocks, *w.shape[2:]]))
+                      for w in tensors)))
+  v, g, bias, gamma, beta, moving_mean, moving_variance = stacked
+  norms, convs = units(gamma, beta, moving_mean, moving_variance), units(v, g, bias)
+  return [(norms[2 * b], convs[2 * b], norms[2 * b + 1], convs[2 * b + 1])
+          for b in range(num_blocks)]
+
+
+def residual_blocks(x, stacked, training, momentum, epsilon, synchronized=True):
+  """`residual_block` after `residual_block`, from their stacked weights `(v, g, bias, gamma,
+  beta, moving_mean, moving_variance)` (each `[num_blocks, 2, ...]`). Returns `(y, updated)`:
+  in training the updated running averages `(moving_mean, moving_variance)`, stacked like the
+  weights; in inference `()`."""
   updated = ()
-  for block in blocks:
+  for block in unstack_blocks(stacked):
     x, block_updated = _block_function(synchronized, training)(
         x, *block, training, momentum, epsilon, synchronized)
-    updated += block_updated
-  return x, updated
+    updated += block_updated  # (mean1, variance1, mean2, variance2)
+  if not updated:
+    return x, ()
+  shape = stacked[-1].shape
+  return x, tuple(tf.reshape(tf.stack(values), shape) for values in (updated[0::2],
+                                                                      updated[1::2]))
 
 
 class ResidualBlocks(keras.layers.Layer):
@@ -317,23 +386,15 @@ class ResidualBlocks(keras.layers.Layer):
                                            trainable=False, aggregation='mean', **norm)
 
   @property
-  def block_weights(self):
-    """Each block's `(norm1, conv1, norm2, conv2)` (`residual_block`'s weights) as tensors:
-    `norm*` = `(gamma, beta, moving_mean, moving_variance)`, `conv*` = `(v, g, bias)`."""
-    def units(*variables):  # per unit (block b's units are 2b and 2b + 1), a tuple of slices
-      return list(zip(*(tf.unstack(tf.reshape(w, [2 * self.num_blocks, *w.shape[2:]]))
-                        for w in _tensors(*variables))))
-    norms = units(self.gamma, self.beta, self.moving_mean, self.moving_variance)
-    convs = units(self.v, self.g, self.bias)
-    return [(norms[2 * b], convs[2 * b], norms[2 * b + 1], convs[2 * b + 1])
-            for b in range(self.num_blocks)]
+  def weights_for_call(self):
+    """`residual_blocks`' stacked weights `(v, g, bias, gamma, beta, moving_mean,
+    moving_variance)` as tensors (the batch norms' in float32 under mixed precision)."""
+    return _tensors(self.v, self.g, self.bias, self.gamma, self.beta, self.moving_mean,
+                    self.moving_variance)
 
   def assign_updates(self, updated):
-    """Running averages <- `residual_blocks`' updates (four per block; none in inference)."""
-    if updated:
-      for variable, values in ((self.moving_mean, updated[0::2]),
-                               (self.moving_variance, updated[1::2])):
-        variable.assign(tf.reshape(tf.stack(values), variable.shape))
+    """Running averages <- `residual_blocks`' updates (none in inference)."""
+    _assign((self.moving_mean, self.moving_variance), updated)
 
   @property
   def legacy_variables(self):
@@ -345,8 +406,8 @@ class ResidualBlocks(keras.layers.Layer):
                              self.v, self.g, self.bias)]
 
   def call(self, x, training=False):
-    y, updated = residual_blocks(x, self.block_weights, bool(training), self.momentum, EPSILON,
-                                 self.synchronized)
+    y, updated = residual_blocks(x, self.weights_for_call, bool(training), self.momentum,
+                                 EPSILON, self.synchronized)
     self.assign_updates(updated)
     return y
 
@@ -446,41 +507,22 @@ class CouplingNet(keras.layers.Layer):
     if self.num_classes:
       class_bias = [tf.gather(_tensors(self.class_embedding)[0], labels)[:, None, None, :]]
     weights = [self.conv_in.weights_for_call, class_bias,
-               [] if self.blocks is None else self.blocks.block_weights,
+               [] if self.blocks is None else self.blocks.weights_for_call,
                [layer.weights_for_call for layer in self.hidden],
                self.norm_out.weights_for_call, conv_out, _tensors(self.scale)[0]]
-    training = bool(training)
-
-    def forward(x, *flat_weights):
-      return self._forward(x, tf.nest.pack_sequence_as(weights, flat_weights), training)
+    args = (bool(training), self.momentum, self.synchronized, self.variable_dtype)
     if training and self.recompute:
-      forward = tf.recompute_grad(forward)
-    s, t, *updated = forward(x, *tf.nest.flatten(weights))
-    in_blocks = 4 * len(weights[2]) if updated else 0  # four running averages per block
+      forward = tf.recompute_grad(lambda x, *flat_weights: coupling_network(
+          x, tf.nest.pack_sequence_as(weights, flat_weights), *args))
+      s, t, *updated = forward(x, *tf.nest.flatten(weights))
+    else:
+      s, t, *updated = _network_function(args[0], self.synchronized)(x, weights, *args)
+    in_blocks = 2 if updated and self.blocks is not None else 0  # the stacked averages
     if self.blocks is not None:
       self.blocks.assign_updates(updated[:in_blocks])
     _assign([v for layer in self.hidden[:1] for v in (layer.moving_mean, layer.moving_variance)] +
             [self.norm_out.moving_mean, self.norm_out.moving_variance], updated[in_blocks:])
     return s, t
-
-  def _forward(self, x, weights, training):
-    """`(s, t, *updated running averages)` from the weights, with no side effects (so the
-    backward pass may run it again)."""
-    conv_in, class_bias, blocks, hidden, norm_out, conv_out, scale = weights
-    h = weight_norm_conv(x, *conv_in)
-    for bias in class_bias:  # [N, 1, 1, F]: the class's bias
-      h += bias
-    h, updated = residual_blocks(h, blocks, training, self.momentum, EPSILON, self.synchronized)
-    if hidden:
-      h, hidden_updated = bn_relu_conv(h, *hidden, training, self.momentum, EPSILON,
-                                       synchronized=self.synchronized)
-      updated += hidden_updated
-    # Under mixed precision, s and t come from a float32 convolution: their rounding would
-    # otherwise enter the log-det and the latent directly (a small share of the FLOPs).
-    h, out_updated = bn_relu_conv(h, norm_out, conv_out, training, self.momentum, EPSILON,
-                                  conv_dtype=self.variable_dtype, synchronized=self.synchronized)
-    raw_s, t = tf.split(h, 2, axis=-1)
-    return (scale * tf.tanh(raw_s), t, *updated, *out_updated)
 
   def get_config(self):
     return {**super().get_config(), 'channels': self.channels, 'num_filters': self.num_filters,
