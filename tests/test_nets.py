@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfp_realnvp import nets, optimizers
+from tfp_realnvp import nets, optimizers, training
 from conftest import randomize
 
 
@@ -230,9 +230,9 @@ def test_backward_calls_of_the_shared_functions_get_no_constant_inputs():
     assert (net.norm_out.moving_mean.numpy() != out).all()
 
 
-def _unit_inputs(dtype, seed=0, channels=5):
+def _unit_inputs(dtype, seed=0, channels=5, batch=3):
   rng = np.random.default_rng(seed)
-  x = tf.constant(rng.normal(1., 2., [3, 6, 6, channels]), dtype)
+  x = tf.constant(rng.normal(1., 2., [batch, 6, 6, channels]), dtype)
   f32 = lambda a: tf.constant(a, tf.float32)  # noqa: E731  batch norm statistics stay float32
   norm = (f32(rng.uniform(0.5, 2., [channels])), f32(rng.normal(0., 1., [channels])),
           f32(rng.normal(0., 1., [channels])), f32(rng.uniform(0.5, 2., [channels])))
@@ -272,6 +272,61 @@ def test_bn_relu_conv_recomputed_in_the_backward_pass_gives_autodiffs_gradient(d
     assert np.all(np.isfinite(b)), name
     assert np.abs(a).max() > 1e-3, name  # every gradient is non-trivial
     np.testing.assert_allclose(b, a, err_msg=name, **tolerance)
+
+
+def _on_two_replicas(x, norm, conv, keep_only_inputs):
+  """bn_relu_conv on two replicas (half the batch each, statistics synchronized): per replica,
+  its output, updates and gradients (as `_unit_and_gradients`), and the collective ops a
+  replica runs."""
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  assert len(devices) == 2, 'conftest configures two logical CPU devices'
+  strategy = training.mirrored_strategy(devices)
+  half = x.shape[0] // 2
+  halves = strategy.experimental_distribute_values_from_function(
+      lambda context: x[context.replica_id_in_sync_group * half:][:half])
+
+  def run(x):
+    with tf.GradientTape() as tape:
+      tape.watch([x, *norm[:2], *conv])
+      y, updated = nets.bn_relu_conv(x, norm, conv, True, 0.9, 1e-4)
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(tf.cast(y, tf.float32)))
+    return [y, *updated, *tape.gradient(loss, [x, *norm[:2], *conv])]
+  step = tf.function(lambda x: strategy.run(run, args=(x,)))
+  before = nets.KEEP_ONLY_CONVOLUTION_OUTPUTS
+  nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = keep_only_inputs
+  try:
+    graph = step.get_concrete_function(halves).graph.as_graph_def()
+    results = step(halves)
+  finally:
+    nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = before
+  collectives = sum(node.op.startswith('CollectiveReduce') for nodes in
+                    [graph.node, *(f.node_def for f in graph.library.function)] for node in nodes)
+  per_replica = [[np.asarray(tf.cast(t, tf.float32)) for t in strategy.experimental_local_results(r)]
+                 for r in results]
+  return per_replica, collectives // 2
+
+
+@pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
+def test_synchronized_bn_relu_conv_keeps_the_whole_batchs_gradient_with_one_all_reduce_back(dtype):
+  # Two replicas with synchronized statistics must give what one device gives on the whole
+  # batch; recomputing batch norm and ReLU must not change it, and all-reduces the backward
+  # pass's two sums together.
+  x, norm, conv = _unit_inputs(dtype, batch=4)
+  whole = _unit_and_gradients(x, norm, conv, False, 'function')
+  for keep_only_inputs, expected_collectives in ((False, 4), (True, 3)):
+    per_replica, collectives = _on_two_replicas(x, norm, conv, keep_only_inputs)
+    assert collectives == expected_collectives
+    names = ['y', 'mean', 'variance', 'dx', 'dgamma', 'dbeta', 'dv', 'dg', 'dbias']
+    for name, expected, (first, second) in zip(names, whole, per_replica):
+      if name in ('y', 'dx'):  # each replica's rows
+        got = np.concatenate([first, second])
+      elif name in ('mean', 'variance'):  # the same running averages on both
+        np.testing.assert_array_equal(first, second)
+        got = first
+      else:  # each replica's part of the weights' gradient: the optimizer adds them
+        got = first + second
+      assert np.abs(expected).max() > 1e-3, name
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def _saved_activations(keep_only_inputs):

@@ -90,11 +90,15 @@ def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None,
   the convolution's input cast to `conv_dtype` if given) and the batch norm's updated running
   averages.
 
-  In training with local statistics (one replica, or `synchronized=False`) the backward pass keeps only `x` (the previous convolution's
-  output) and recomputes the cheap batch norm and ReLU from it, as in-place activated batch norm
-  does: autodiff would keep `x` for the batch norm and `relu(bn(x))` for the convolution, twice
-  the memory. The gradient is the same (`tests/test_nets.py`).
+  In training the backward pass keeps only `x` (the previous convolution's output) and
+  recomputes the cheap batch norm and ReLU from it, as in-place activated batch norm does:
+  autodiff would keep `x` for the batch norm and `relu(bn(x))` for the convolution, twice the
+  memory. The gradient is the same (`tests/test_nets.py`). With statistics synchronized across
+  replicas, see `_synchronized_bn_relu_conv`.
   """
+  if training and KEEP_ONLY_CONVOLUTION_OUTPUTS and not _local(synchronized) and \
+      x.shape.num_elements() != 0:
+    return _synchronized_bn_relu_conv(x, norm, conv, momentum, epsilon, conv_dtype)
   if not (training and KEEP_ONLY_CONVOLUTION_OUTPUTS and x.dtype != tf.float64 and
           _local(synchronized) and x.shape.num_elements() != 0):
     h, updated = batch_norm(x, *norm, training, momentum, epsilon, synchronized)
@@ -128,6 +132,61 @@ def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None,
     return (y, *updated), gradient
   y, *updated = unit(x, gamma, beta, *conv)
   return y, tuple(updated)
+
+
+def _synchronized_bn_relu_conv(x, norm, conv, momentum, epsilon, conv_dtype=None):
+  """`bn_relu_conv` in training with batch statistics over every replica's batch: the backward
+  pass keeps only `x` (and the per-channel statistics) and recomputes the batch norm and ReLU, as
+  on one replica; and it all-reduces batch norm's two per-channel gradient sums together, once,
+  where autodiff all-reduces them one after the other. With `N` values per channel over all
+  replicas, `x^ = (x - mean) / sqrt(var + eps)`, `z = gamma x^ + beta` and `dz` the gradient at
+  `z` (through the convolution and the ReLU):
+
+    dx = gamma / sqrt(var + eps) * (dz - (sum dz + x^ * sum(dz x^)) / N)   (sums: all replicas)
+    dgamma = sum(dz x^),  dbeta = sum dz                  (this replica's: the optimizer adds them)
+  """
+  gamma, beta, moving_mean, moving_variance = norm
+  context = tf.distribute.get_replica_context()
+  dtype = gamma.dtype  # the statistics' (float32 under mixed precision)
+  # Their dependence on x is in the gradient below: stop autodiff's.
+  mean, variance, count = (tf.stop_gradient(t) for t in synchronized_moments(
+      tf.cast(x, dtype), with_count=True))
+  rsqrt = tf.math.rsqrt(variance + epsilon)
+  unbiased = variance * count / tf.maximum(count - 1., 1.)  # as `batch_norm`
+  updated = tuple(moving_average(m, batch, momentum, count) for m, batch in
+                  ((moving_mean, mean), (moving_variance, unbiased)))
+
+  def activation(x, gamma, beta):  # `(z, relu(z))` as `batch_norm` computes it
+    scale = gamma * rsqrt
+    z = tf.cast(x, dtype) * scale + (beta - mean * scale)
+    h = tf.nn.relu(tf.cast(z, x.dtype))
+    return z, (h if conv_dtype is None else tf.cast(h, conv_dtype))
+
+  @tf.custom_gradient
+  def unit(x, gamma, beta, v, g, bias):
+    _, h = activation(x, gamma, beta)
+    y = tf.nn.bias_add(tf.nn.conv2d(h, weight_norm_kernel(v, g), 1, 'SAME'), bias)
+
+    def gradient(dy):
+      z, h = activation(x, gamma, beta)
+      with tf.GradientTape() as tape:
+        tape.watch([v, g])
+        kernel = weight_norm_kernel(v, g)
+      dh = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(h), filter=kernel,
+                                          out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
+      dkernel = tf.raw_ops.Conv2DBackpropFilter(input=h, filter_sizes=tf.shape(kernel),
+                                                out_backprop=dy, strides=[1, 1, 1, 1],
+                                                padding='SAME')
+      dz = tf.where(z > 0, tf.cast(dh, dtype), tf.zeros([], dtype))  # through the ReLU
+      x_hat = (tf.cast(x, dtype) - mean) * rsqrt
+      sums = tf.stack([tf.reduce_sum(dz, [0, 1, 2]), tf.reduce_sum(dz * x_hat, [0, 1, 2])])
+      total = context.all_reduce(tf.distribute.ReduceOp.SUM, sums)  # one all-reduce
+      dx = gamma * rsqrt * (dz - (total[0] + x_hat * total[1]) / tf.maximum(count, 1.))
+      return (tf.cast(dx, x.dtype), sums[1], sums[0],
+              *tape.gradient(kernel, [v, g], output_gradients=dkernel),
+              tf.raw_ops.BiasAddGrad(out_backprop=dy))
+    return y, gradient
+  return unit(x, gamma, beta, *conv), updated
 
 
 def residual_block(x, norm1, conv1, norm2, conv2, training, momentum, epsilon,
