@@ -126,8 +126,10 @@ def test_pipelines_run_without_tf_datas_autotuning_thread():
   images = tf.data.Dataset.from_tensor_slices(np.zeros([5, 4, 4, 1], np.uint8))
   loaded = data.Data('x', images, images, (4, 4, 1), 5, 5)
   for dtype in (tf.uint8, tf.int32):
-    assert not data.training_batches(loaded, 2, seed=0, dtype=dtype).options().autotune.enabled
-    assert not data.evaluation_batches(loaded, 2, dtype=dtype).options().autotune.enabled
+    # (None, the default, means enabled)
+    for batches in (data.training_batches(loaded, 2, seed=0, dtype=dtype),
+                    data.evaluation_batches(loaded, 2, dtype=dtype)):
+      assert batches.options().autotune.enabled is False
 
 
 # --- Labels, for class-conditional models ----------------------------------------------------

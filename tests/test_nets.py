@@ -306,7 +306,7 @@ def _on_two_replicas(x, norm, conv, keep_only_inputs):
   return per_replica, collectives // 2
 
 
-@pytest.mark.parametrize('dtype', [tf.float32, tf.float64])
+@pytest.mark.parametrize('dtype', [tf.float32, tf.float64, tf.bfloat16])
 def test_synchronized_bn_relu_conv_keeps_the_whole_batchs_gradient_with_one_all_reduce_back(dtype):
   # Two replicas with synchronized statistics must give what one device gives on the whole
   # batch; recomputing batch norm and ReLU must not change it, and all-reduces the backward
@@ -326,7 +326,10 @@ def test_synchronized_bn_relu_conv_keeps_the_whole_batchs_gradient_with_one_all_
       else:  # each replica's part of the weights' gradient: the optimizer adds them
         got = first + second
       assert np.abs(expected).max() > 1e-3, name
-      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=name)
+      # bfloat16: halves rounded apart, so within its 8 bits of the tensor's scale
+      tolerance = (dict(rtol=2e-2, atol=1e-2 * np.abs(expected).max()) if dtype == tf.bfloat16
+                   else dict(rtol=1e-5, atol=1e-5))
+      np.testing.assert_allclose(got, expected, err_msg=name, **tolerance)
 
 
 def _saved_activations(keep_only_inputs):
@@ -381,3 +384,36 @@ def test_one_graph_may_run_many_flow_passes_at_once():
   expected = passes(x)
   for seed in range(30):  # a race: it may take a few calls
     np.testing.assert_allclose(traced(tf.identity(x)), expected, rtol=1e-5)
+
+
+def test_stacked_blocks_are_residual_blocks_on_their_slices():
+  # Each block runs on its own slices of the stacked weights, and its running averages go back
+  # to its own [block, unit] slots.
+  layer = nets.ResidualBlocks(num_blocks=3, filters=4)
+  x = tf.constant(np.random.default_rng(6).normal(1., 2., [3, 5, 5, 4]), tf.float32)
+  layer.build(x.shape)
+  randomize([layer], seed=7)
+  stacked = [v.numpy() for v in (layer.v, layer.g, layer.bias, layer.gamma, layer.beta,
+                                 layer.moving_mean, layer.moving_variance)]
+  expected, means, variances = x, [], []
+  for b in range(3):
+    v, g, bias, gamma, beta, mean, variance = (tf.constant(w[b]) for w in stacked)
+    expected, updated = nets.residual_block(
+        expected, (gamma[0], beta[0], mean[0], variance[0]), (v[0], g[0], bias[0]),
+        (gamma[1], beta[1], mean[1], variance[1]), (v[1], g[1], bias[1]), True, 0.9, 1e-4)
+    means.append(updated[0::2])
+    variances.append(updated[1::2])
+  np.testing.assert_allclose(layer(x, training=True), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layer.moving_mean.numpy(), np.array(means), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(layer.moving_variance.numpy(), np.array(variances), rtol=1e-5,
+                             atol=1e-6)
+  assert not np.allclose(layer.moving_mean.numpy()[0], layer.moving_mean.numpy()[1])
+
+
+def test_a_network_without_residual_blocks_trains():
+  net = nets.CouplingNet(channels=2, num_filters=4, num_blocks=0)
+  x = tf.random.normal([2, 4, 4, 2])
+  net.build(x.shape)
+  before = net.norm_out.moving_mean.numpy()
+  _coupling_net_gradients(net, x)
+  assert (net.norm_out.moving_mean.numpy() != before).all()

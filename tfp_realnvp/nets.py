@@ -79,8 +79,9 @@ def _local(synchronized):
   return not synchronized or one_replica()
 
 
-# Whether, in training on one replica, each batch norm -> ReLU -> convolution keeps only its
-# input for the backward pass (`bn_relu_conv`); False keeps autodiff's tensors (for comparison).
+# Whether, in training, each batch norm -> ReLU -> convolution keeps only its input for the
+# backward pass (`bn_relu_conv`, with synchronized statistics too); False keeps autodiff's tensors
+# (for comparison).
 KEEP_ONLY_CONVOLUTION_OUTPUTS = True
 
 
@@ -90,14 +91,15 @@ def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None,
   the convolution's input cast to `conv_dtype` if given) and the batch norm's updated running
   averages.
 
-  In training the backward pass keeps only `x` (the previous convolution's output) and
-  recomputes the cheap batch norm and ReLU from it, as in-place activated batch norm does:
+  In training (float32 or narrower) the backward pass keeps only `x` (the previous convolution's
+  output) and recomputes the cheap batch norm and ReLU from it, as in-place activated batch norm
+  does:
   autodiff would keep `x` for the batch norm and `relu(bn(x))` for the convolution, twice the
   memory. The gradient is the same (`tests/test_nets.py`). With statistics synchronized across
   replicas, see `_synchronized_bn_relu_conv`.
   """
-  if training and KEEP_ONLY_CONVOLUTION_OUTPUTS and not _local(synchronized) and \
-      x.shape.num_elements() != 0:
+  if training and KEEP_ONLY_CONVOLUTION_OUTPUTS and not _local(synchronized):
+    # (every replica takes this path, whatever its batch: their collectives must match)
     return _synchronized_bn_relu_conv(x, norm, conv, momentum, epsilon, conv_dtype)
   if not (training and KEEP_ONLY_CONVOLUTION_OUTPUTS and x.dtype != tf.float64 and
           _local(synchronized) and x.shape.num_elements() != 0):
@@ -576,7 +578,8 @@ class CouplingNet(keras.layers.Layer):
       s, t, *updated = forward(x, *tf.nest.flatten(weights))
     else:
       s, t, *updated = _network_function(args[0], self.synchronized)(x, weights, *args)
-    in_blocks = 2 if updated and self.blocks is not None else 0  # the stacked averages
+    # the blocks' stacked averages (none without blocks or in inference)
+    in_blocks = 2 if updated and self.blocks is not None and self.num_blocks else 0
     if self.blocks is not None:
       self.blocks.assign_updates(updated[:in_blocks])
     _assign([v for layer in self.hidden[:1] for v in (layer.moving_mean, layer.moving_variance)] +

@@ -306,9 +306,12 @@ def read_legacy_checkpoint(prefix, model, with_optimizer=True):
   scalars = []
   if with_optimizer:
     optimizer = model.optimizer
-    if not isinstance(optimizer, keras.optimizers.Adam):
-      raise ValueError('a checkpoint of the per-block layout restores the optimizer of Adam '
-                       f'only, not of {type(optimizer).__name__}')
+    if not isinstance(optimizer, keras.optimizers.Adam) or optimizer.use_ema or \
+        optimizer.gradient_accumulation_steps or optimizer.amsgrad:
+      raise ValueError('a checkpoint of the per-block layout restores the optimizer of a plain '
+                       f'Adam only (no loss scaling, EMA, accumulation or AMSGrad), not '
+                       f'{type(optimizer).__name__}; the model alone restores (launch.evaluate, '
+                       'sample, score, export)')
     # Adam's slots are a momentum and a velocity per trainable variable, interleaved, after the
     # optimizer's own variables (its step and learning rate).
     first_slot = [id(v) for v in optimizer.variables].index(id(optimizer._momentums[0]))
@@ -356,7 +359,7 @@ class Checkpointer:
   def __init__(self, workdir, model, strategy=None, keep=3, report=None):
     self.directory = os.path.join(workdir, 'checkpoints')
     # Every variable by position (Keras layers in lists are invisible to TF's object graph, which
-    # would drop e.g. the residual blocks' batch-norm statistics).
+    # would drop e.g. the batch-norm statistics of Glow's hidden layers).
     self.checkpoint = tf.train.Checkpoint(variables=list(model.variables),
                                           optimizer=model.optimizer)
     self.model = model
