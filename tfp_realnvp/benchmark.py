@@ -24,6 +24,7 @@ import tensorflow as tf
 from tfp_realnvp.bijectors.affine_coupling import AffineCoupling
 from tfp_realnvp.data import Data, evaluation_batches, training_batches
 from tfp_realnvp.model import RealNVP
+from tfp_realnvp.nets import convolution_backward
 from tfp_realnvp.optimizers import GRADIENT_ALL_REDUCE
 from tfp_realnvp.training import evaluate_bits_per_dim, mirrored_strategy
 
@@ -123,10 +124,7 @@ def convolutions_alone_seconds(shapes, calls, dtype=tf.float32):
     @tf.function
     def run(x, w, dy):
       y = tf.nn.conv2d(x, w, 1, 'SAME')
-      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=dy,
-                                          strides=[1, 1, 1, 1], padding='SAME')
-      dw = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(w), out_backprop=dy,
-                                           strides=[1, 1, 1, 1], padding='SAME')
+      dx, dw = convolution_backward(x, w, dy)
       return tf.reduce_max(y) + tf.reduce_max(dx) + tf.reduce_max(dw)
     total += count * timed_calls(lambda: run(x, w, dy), calls)[1]
   return total

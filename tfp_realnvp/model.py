@@ -478,8 +478,8 @@ class RealNVP(keras.Model):
     self.compile(optimizer=optimizer, jit_compile=config.get('jit_compile') is True,
                  metrics=metrics, **kwargs)
 
-  # The steps have no control flow on tensors: AutoGraph's conversion of them (a third of a
-  # second of the first step) buys nothing.
+  # The steps have no control flow on tensors: AutoGraph's conversion of them (0.46 s of a
+  # profiled trace of the small MNIST model's step) buys nothing.
   @tf.autograph.experimental.do_not_convert
   def train_step(self, data):
     """Keras' step; the gradient is clipped by the global norm of its sum over replicas, in the

@@ -85,6 +85,16 @@ def _local(synchronized):
 KEEP_ONLY_CONVOLUTION_OUTPUTS = True
 
 
+def convolution_backward(x, kernel, dy):
+  """`(dx, dkernel)`: the gradients of `conv2d(x, kernel)` ('same' padding, stride 1) for `dy`
+  at its output (one op each)."""
+  strides = [1, 1, 1, 1]
+  return (tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
+                                         strides=strides, padding='SAME'),
+          tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(kernel),
+                                          out_backprop=dy, strides=strides, padding='SAME'))
+
+
 def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None,
                  synchronized=True):
   """`conv(relu(bn(x)))` (`norm`: gamma, beta, running mean and variance; `conv`: v, g, bias;
@@ -124,11 +134,7 @@ def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None,
         tape.watch([x, gamma, beta, v, g])
         h, _ = activation(x, gamma, beta)
         kernel = weight_norm_kernel(v, g)
-      dh = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(h), filter=kernel,
-                                          out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
-      dkernel = tf.raw_ops.Conv2DBackpropFilter(input=h, filter_sizes=tf.shape(kernel),
-                                                out_backprop=dy, strides=[1, 1, 1, 1],
-                                                padding='SAME')
+      dh, dkernel = convolution_backward(h, kernel, dy)
       return (*tape.gradient([h, kernel], [x, gamma, beta, v, g], output_gradients=[dh, dkernel]),
               tf.raw_ops.BiasAddGrad(out_backprop=dy))
     return (y, *updated), gradient
@@ -174,11 +180,7 @@ def _synchronized_bn_relu_conv(x, norm, conv, momentum, epsilon, conv_dtype=None
       with tf.GradientTape() as tape:
         tape.watch([v, g])
         kernel = weight_norm_kernel(v, g)
-      dh = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(h), filter=kernel,
-                                          out_backprop=dy, strides=[1, 1, 1, 1], padding='SAME')
-      dkernel = tf.raw_ops.Conv2DBackpropFilter(input=h, filter_sizes=tf.shape(kernel),
-                                                out_backprop=dy, strides=[1, 1, 1, 1],
-                                                padding='SAME')
+      dh, dkernel = convolution_backward(h, kernel, dy)
       dz = tf.where(z > 0, tf.cast(dh, dtype), tf.zeros([], dtype))  # through the ReLU
       x_hat = (tf.cast(x, dtype) - mean) * rsqrt
       sums = tf.stack([tf.reduce_sum(dz, [0, 1, 2]), tf.reduce_sum(dz * x_hat, [0, 1, 2])])
