@@ -332,7 +332,7 @@ def test_synchronized_bn_relu_conv_keeps_the_whole_batchs_gradient_with_one_all_
       np.testing.assert_allclose(got, expected, err_msg=name, **tolerance)
 
 
-def _saved_activations(keep_only_inputs):
+def _saved_activations(keep_only_inputs, recompute=False):
   """The distinct activation-sized tensors a residual block's forward pass keeps for its backward
   pass (Identity aliases resolved), besides its output."""
   x, norm, conv = _unit_inputs(tf.float32, channels=4)
@@ -344,7 +344,7 @@ def _saved_activations(keep_only_inputs):
   def step(x):
     with tf.GradientTape() as tape:
       tape.watch(x)
-      y, _ = block(x, norm, conv, norm, conv, True, 0.9, 1e-4)
+      y, _ = block(x, norm, conv, norm, conv, True, 0.9, 1e-4, True, recompute)
     return tape.gradient(y, x)
   before = nets.KEEP_ONLY_CONVOLUTION_OUTPUTS
   nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = keep_only_inputs
@@ -370,6 +370,85 @@ def test_residual_block_keeps_only_the_convolution_inputs_of_its_batch_norms():
   kept = _saved_activations(False)
   assert sorted(op for op, _ in kept) == ['BiasAdd', 'Placeholder', 'Relu', 'Relu']
   assert sorted(op for op, _ in _saved_activations(True)) == ['BiasAdd', 'Placeholder']
+  # Recomputing the first convolution too keeps the block's input alone.
+  assert sorted(op for op, _ in _saved_activations(True, recompute=True)) == ['Placeholder']
+
+
+def _block_and_gradients(x, norm1, conv1, norm2, conv2, recompute, compile_mode):
+  """residual_block's output, running-average updates and gradients (x, then each unit's gamma,
+  beta, v, g, bias)."""
+  def run(x, norm1, conv1, norm2, conv2):
+    with tf.GradientTape() as tape:
+      tape.watch([x, *norm1[:2], *conv1, *norm2[:2], *conv2])
+      y, updated = nets.residual_block(x, norm1, conv1, norm2, conv2, True, 0.9, 1e-4,
+                                       recompute=recompute)
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(tf.cast(y, tf.float32)))
+    return [y, *updated, *tape.gradient(loss, [x, *norm1[:2], *conv1, *norm2[:2], *conv2])]
+  if compile_mode != 'eager':
+    run = tf.function(run, jit_compile=compile_mode == 'xla')
+  return [np.asarray(tf.cast(t, tf.float32)) for t in run(x, norm1, conv1, norm2, conv2)]
+
+
+def _block_inputs(dtype):
+  """A residual block's input and weights `(x, norm1, conv1, norm2, conv2)`, 4 channels."""
+  x, norm1, conv1 = _unit_inputs(dtype, seed=1, channels=4)
+  _, norm2, conv2 = _unit_inputs(dtype, seed=2, channels=4)
+  square = lambda conv: (conv[0][..., :4], *conv[1:])  # noqa: E731  4 -> 4 channels
+  return x, norm1, square(conv1), norm2, square(conv2)
+
+
+_BLOCK_RESULTS = ['y', 'mean1', 'variance1', 'mean2', 'variance2', 'dx',
+                  *(f'{w}{unit}' for unit in (1, 2) for w in ('dgamma', 'dbeta', 'dv', 'dg', 'dbias'))]
+
+
+@pytest.mark.parametrize('compile_mode', ['eager', 'function', 'xla'])
+def test_residual_block_recomputing_its_first_convolution_gives_the_same_gradient(compile_mode):
+  inputs = _block_inputs(tf.float32)
+  kept = _block_and_gradients(*inputs, False, compile_mode)
+  recomputed = _block_and_gradients(*inputs, True, compile_mode)
+  assert len(kept) == len(recomputed) == len(_BLOCK_RESULTS)
+  for name, a, b in zip(_BLOCK_RESULTS, kept, recomputed):
+    assert np.all(np.isfinite(b)), name
+    # every gradient is non-trivial, but the first bias's: batch norm 2 removes its constant
+    assert name == 'dbias1' or np.abs(a).max() > 1e-3, name
+    np.testing.assert_allclose(b, a, err_msg=name, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('compile_mode', ['eager', 'function', 'xla'])
+def test_residual_block_recomputing_in_bfloat16_is_as_close_to_float32(compile_mode):
+  # In bfloat16 the recomputed convolution may round otherwise than the forward pass's (fused
+  # or not) and a ReLU may flip: the check is the distance to float32's results, which must be
+  # no worse than keeping the activations.
+  reference = _block_and_gradients(*_block_inputs(tf.float32), False, compile_mode)
+  inputs = _block_inputs(tf.bfloat16)
+  kept = _block_and_gradients(*inputs, False, compile_mode)
+  recomputed = _block_and_gradients(*inputs, True, compile_mode)
+  for name, exact, a, b in zip(_BLOCK_RESULTS, reference, kept, recomputed):
+    if name in ('dg1', 'dbias1'):  # 0 in exact arithmetic: batch norm 2 undoes them
+      continue
+    scale = np.abs(exact).max()
+    error_kept, error = (np.abs(t - exact).max() / scale for t in (a, b))
+    assert error_kept < 0.05, name
+    assert error <= 1.5 * error_kept + 0.005, (name, error, error_kept)
+
+
+def test_only_the_largest_maps_recompute_their_blocks_by_default():
+  from tfp_realnvp import RealNVP
+  def recomputing(**overrides):
+    model = RealNVP('cifar10', image_shape=(8, 8, 3), num_blocks=1, num_filters=4, **overrides)
+    nets_ = [layer for layer in model.flow_layers if isinstance(layer, nets.CouplingNet)]
+    return [(n.blocks.v.shape[-1], n.recompute_blocks) for n in nets_]
+  # real_nvp layout, 2 scales: 3 checkerboard networks on 8x8 maps of 4 features (256 values),
+  # 3 channel networks on 4x4x8 (128) and 4 final checkerboard networks on 4x4x8
+  assert recomputing() == [(4, True)] * 3 + [(8, False)] * 7
+  assert recomputing(recompute_blocks='all') == [(4, True)] * 3 + [(8, True)] * 7
+  assert recomputing(recompute_blocks='none') == [(4, False)] * 3 + [(8, False)] * 7
+  assert recomputing(recompute_blocks='largest', compute_dtype='bfloat16') == recomputing()
+  # auto: none under mixed precision (half the activation memory already)
+  assert recomputing(compute_dtype='bfloat16') == [(4, False)] * 3 + [(8, False)] * 7
+  # glow layout: each scale squeezes first, the same features at every scale: the first
+  # scale's 2 couplings (4x4 maps) recompute, the second's (2x2) not
+  assert recomputing(layout='glow', steps_per_scale=2) == [(4, True)] * 2 + [(4, False)] * 2
 
 
 def test_one_graph_may_run_many_flow_passes_at_once():

@@ -151,16 +151,38 @@ class RealNVP(keras.Model):
     self(tf.fill([1, *config.image_shape], tf.constant(128., dtype)),
          labels=tf.zeros([1], tf.int32) if self.num_classes else None)
 
-  def _coupling_network(self, event_shape, scale, kind):
+  def _network_filters(self, scale, kind):
     filters = self.config.num_filters
     if self.config.layout == 'real_nvp':  # the paper doubles them per scale, and for channels
       filters *= 2 ** scale * (2 if kind == 'channel' else 1)
+    return filters
+
+  def _recomputes_blocks(self, event_shape, filters):
+    """Whether a network's residual blocks recompute their first convolution in the backward
+    pass (`RealNVPConfig.recompute_blocks`): 'largest' on the largest maps, `H * W * filters`
+    (the first scale's; in the real_nvp layout its checkerboard networks, before the squeeze);
+    'auto' as 'largest' in float32, as 'none' under mixed precision."""
+    mode = self.config.recompute_blocks
+    if mode == 'auto':
+      mode = 'none' if self.config.compute_dtype else 'largest'
+    if mode != 'largest':
+      return mode == 'all'
+    height, width = self.config.image_shape[:2]
+    if self.config.layout == 'real_nvp':
+      largest = height * width * self._network_filters(0, 'checkerboard')
+    else:  # glow: every coupling after a squeeze
+      largest = (height // 2) * (width // 2) * self._network_filters(0, 'channel')
+    return event_shape[0] * event_shape[1] * filters >= largest
+
+  def _coupling_network(self, event_shape, scale, kind):
+    filters = self._network_filters(scale, kind)
     policy = (f'mixed_{self.config.compute_dtype}' if self.config.compute_dtype
               else self.config.dtype)
     return CouplingNet(event_shape[-1], filters, self.config.num_blocks, l2=self.config.l2,
                        momentum=self.config.batch_norm_momentum, recompute=self.config.recompute,
                        synchronized=self.config.sync_batch_norm, kind=self.config.network,
-                       num_classes=self.config.num_classes, dtype=policy)
+                       num_classes=self.config.num_classes, dtype=policy,
+                       recompute_blocks=self._recomputes_blocks(event_shape, filters))
 
   def _batch_statistics(self):
     return BatchStatistics(self.config.batch_norm_momentum, self.config.sync_batch_norm,

@@ -111,34 +111,98 @@ def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None,
   if training and KEEP_ONLY_CONVOLUTION_OUTPUTS and not _local(synchronized):
     # (every replica takes this path, whatever its batch: their collectives must match)
     return _synchronized_bn_relu_conv(x, norm, conv, momentum, epsilon, conv_dtype)
-  if not (training and KEEP_ONLY_CONVOLUTION_OUTPUTS and x.dtype != tf.float64 and
-          _local(synchronized) and x.shape.num_elements() != 0):
+  if not _keeps_only_inputs(x, training, synchronized):
     h, updated = batch_norm(x, *norm, training, momentum, epsilon, synchronized)
     h = tf.nn.relu(h)
     return weight_norm_conv(h if conv_dtype is None else tf.cast(h, conv_dtype), *conv), updated
-  gamma, beta, moving_mean, moving_variance = norm
+  y, *updated = _keeping_only_input(x, *norm, *conv, momentum, epsilon, conv_dtype)
+  return y, tuple(updated)
 
-  def activation(x, gamma, beta):
-    h, updated = batch_norm(x, gamma, beta, moving_mean, moving_variance, True, momentum,
-                            epsilon, synchronized)
-    h = tf.nn.relu(h)
-    return (h if conv_dtype is None else tf.cast(h, conv_dtype)), updated
+
+def _keeps_only_inputs(x, training, synchronized):
+  """Whether a unit on `x` takes the custom gradients that keep only their inputs, with one
+  replica's statistics (`_keeping_only_input`, `_residual_block_recomputing`)."""
+  return (training and KEEP_ONLY_CONVOLUTION_OUTPUTS and x.dtype != tf.float64 and
+          _local(synchronized) and x.shape.num_elements() != 0)
+
+
+def _bn_relu(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon, conv_dtype):
+  """`(relu(bn(x)) in conv_dtype, updated running averages)` in training, one replica's
+  statistics."""
+  h, updated = batch_norm(x, gamma, beta, moving_mean, moving_variance, True, momentum, epsilon,
+                          synchronized=False)
+  h = tf.nn.relu(h)
+  return (h if conv_dtype is None else tf.cast(h, conv_dtype)), updated
+
+
+def _bn_relu_conv_forward(x, gamma, beta, moving_mean, moving_variance, v, g, bias, momentum,
+                          epsilon, conv_dtype):
+  """`(conv(relu(bn(x))), updated running averages)`, as `bn_relu_conv` computes it."""
+  h, updated = _bn_relu(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon,
+                        conv_dtype)
+  return tf.nn.bias_add(tf.nn.conv2d(h, weight_norm_kernel(v, g), 1, 'SAME'), bias), updated
+
+
+def _bn_relu_conv_backward(dy, x, gamma, beta, moving_mean, moving_variance, v, g, momentum,
+                           epsilon, conv_dtype):
+  """The gradients `(dx, dgamma, dbeta, dv, dg, dbias)` of `_bn_relu_conv_forward` for `dy` at
+  its output, from its input `x` alone: the batch norm and ReLU again, not the convolution."""
+  with tf.GradientTape() as tape:
+    tape.watch([x, gamma, beta, v, g])
+    h, _ = _bn_relu(x, gamma, beta, moving_mean, moving_variance, momentum, epsilon, conv_dtype)
+    kernel = weight_norm_kernel(v, g)
+  dh, dkernel = convolution_backward(h, kernel, dy)
+  return (*tape.gradient([h, kernel], [x, gamma, beta, v, g], output_gradients=[dh, dkernel]),
+          tf.raw_ops.BiasAddGrad(out_backprop=dy))
+
+
+def _keeping_only_input(x, gamma, beta, moving_mean, moving_variance, v, g, bias, momentum,
+                        epsilon, conv_dtype):
+  """`(y, *updated)` of `_bn_relu_conv_forward`, with a gradient that keeps only `x`."""
+  statistics = (moving_mean, moving_variance, momentum, epsilon, conv_dtype)
 
   @tf.custom_gradient
   def unit(x, gamma, beta, v, g, bias):
-    h, updated = activation(x, gamma, beta)
-    y = tf.nn.bias_add(tf.nn.conv2d(h, weight_norm_kernel(v, g), 1, 'SAME'), bias)
+    y, updated = _bn_relu_conv_forward(x, gamma, beta, moving_mean, moving_variance, v, g, bias,
+                                       momentum, epsilon, conv_dtype)
 
     def gradient(dy, *unused_updates_gradients):
-      with tf.GradientTape() as tape:  # the batch norm and ReLU again, not the convolution
-        tape.watch([x, gamma, beta, v, g])
-        h, _ = activation(x, gamma, beta)
-        kernel = weight_norm_kernel(v, g)
-      dh, dkernel = convolution_backward(h, kernel, dy)
-      return (*tape.gradient([h, kernel], [x, gamma, beta, v, g], output_gradients=[dh, dkernel]),
-              tf.raw_ops.BiasAddGrad(out_backprop=dy))
+      return _bn_relu_conv_backward(dy, x, gamma, beta, *statistics[:2], v, g, *statistics[2:])
     return (y, *updated), gradient
-  y, *updated = unit(x, gamma, beta, *conv)
+  return unit(x, gamma, beta, v, g, bias)
+
+
+def _residual_block_recomputing(x, norm1, conv1, norm2, conv2, momentum, epsilon):
+  """`residual_block` in training (one replica's statistics) with a gradient that keeps only the
+  block's input `x` (which the previous block's gradient needs anyway): the backward pass runs
+  the first unit, its convolution included, again for the second unit's input `h`, then the
+  two units' gradients as `bn_relu_conv` computes them. Half the block's activations for one
+  convolution more."""
+  (gamma1, beta1, mean1, var1), (v1, g1, bias1) = norm1, conv1
+  (gamma2, beta2, mean2, var2), (v2, g2, bias2) = norm2, conv2
+
+  @tf.custom_gradient
+  def block(x, gamma1, beta1, v1, g1, bias1, gamma2, beta2, v2, g2, bias2):
+    h, updated1 = _bn_relu_conv_forward(x, gamma1, beta1, mean1, var1, v1, g1, bias1,
+                                        momentum, epsilon, None)
+    y, updated2 = _bn_relu_conv_forward(h, gamma2, beta2, mean2, var2, v2, g2, bias2,
+                                        momentum, epsilon, None)
+
+    def gradient(dy, *unused_updates_gradients):
+      with tf.GradientTape() as tape:  # the first unit again, its convolution included
+        tape.watch([x, gamma1, beta1, v1, g1])
+        a, _ = _bn_relu(x, gamma1, beta1, mean1, var1, momentum, epsilon, None)
+        kernel = weight_norm_kernel(v1, g1)
+      h = tf.nn.bias_add(tf.nn.conv2d(a, kernel, 1, 'SAME'), bias1)
+      dh, *second_gradients = _bn_relu_conv_backward(dy, h, gamma2, beta2, mean2, var2, v2, g2,
+                                                     momentum, epsilon, None)
+      da, dkernel = convolution_backward(a, kernel, dh)
+      dx, *first_gradients = tape.gradient([a, kernel], [x, gamma1, beta1, v1, g1],
+                                           output_gradients=[da, dkernel])
+      return (dx + dy, *first_gradients, tf.raw_ops.BiasAddGrad(out_backprop=dh),
+              *second_gradients)
+    return (x + y, *updated1, *updated2), gradient
+  y, *updated = block(x, gamma1, beta1, v1, g1, bias1, gamma2, beta2, v2, g2, bias2)
   return y, tuple(updated)
 
 
@@ -194,9 +258,15 @@ def _synchronized_bn_relu_conv(x, norm, conv, momentum, epsilon, conv_dtype=None
 
 
 def residual_block(x, norm1, conv1, norm2, conv2, training, momentum, epsilon,
-                   synchronized=True):
+                   synchronized=True, recompute=False):
   """`x + conv(relu(bn(conv(relu(bn(x))))))` from the layers' weights (`norm*`: gamma, beta,
-  running mean and variance; `conv*`: v, g, bias). Returns `(y, updated running averages)`."""
+  running mean and variance; `conv*`: v, g, bias). Returns `(y, updated running averages)`.
+
+  `recompute`: in training with one replica's statistics, the backward pass keeps only `x` and
+  runs the first convolution again (`_residual_block_recomputing`); otherwise it keeps `x` and
+  the first convolution's output (`bn_relu_conv`)."""
+  if recompute and _keeps_only_inputs(x, training, synchronized):
+    return _residual_block_recomputing(x, norm1, conv1, norm2, conv2, momentum, epsilon)
   h, updated1 = bn_relu_conv(x, norm1, conv1, training, momentum, epsilon,
                              synchronized=synchronized)
   h, updated2 = bn_relu_conv(h, norm2, conv2, training, momentum, epsilon,
@@ -230,18 +300,21 @@ def _residual_block_function(x, norm1, conv1, norm2, conv2, *args):
   return y, tuple(tf.bitcast(u, norm1[2].dtype) for u in updated)
 
 
-def coupling_network(x, weights, training, momentum, synchronized=True, conv_dtype='float32'):
+def coupling_network(x, weights, training, momentum, synchronized=True, conv_dtype='float32',
+                     recompute_blocks=False):
   """Real NVP's s/t network from its weights: `(s, t, *updated running averages)`, with no side
   effects (so a backward pass may run it again, and one traced function may serve every network
   of a shape). `weights`: `[conv_in, class_bias, blocks, hidden, norm_out, conv_out, scale]`, as
-  `CouplingNet.call` gathers them; the output convolution runs in `conv_dtype`."""
+  `CouplingNet.call` gathers them; the output convolution runs in `conv_dtype`.
+  `recompute_blocks`: see `residual_block`'s `recompute`."""
   conv_in, class_bias, blocks, hidden, norm_out, conv_out, scale = weights
   h = weight_norm_conv(x, *conv_in)
   for bias in class_bias:  # [N, 1, 1, F]: the class's bias
     h += bias
   updated = ()
   if blocks:
-    h, updated = residual_blocks(h, blocks, training, momentum, EPSILON, synchronized)
+    h, updated = residual_blocks(h, blocks, training, momentum, EPSILON, synchronized,
+                                 recompute_blocks)
   if hidden:
     h, hidden_updated = bn_relu_conv(h, *hidden, training, momentum, EPSILON,
                                      synchronized=synchronized)
@@ -395,15 +468,16 @@ def unstack_blocks(stacked):
           for b in range(num_blocks)]
 
 
-def residual_blocks(x, stacked, training, momentum, epsilon, synchronized=True):
+def residual_blocks(x, stacked, training, momentum, epsilon, synchronized=True,
+                    recompute=False):
   """`residual_block` after `residual_block`, from their stacked weights `(v, g, bias, gamma,
   beta, moving_mean, moving_variance)` (each `[num_blocks, 2, ...]`). Returns `(y, updated)`:
   in training the updated running averages `(moving_mean, moving_variance)`, stacked like the
-  weights; in inference `()`."""
+  weights; in inference `()`. `recompute`: see `residual_block`."""
   updated = ()
   for block in unstack_blocks(stacked):
     x, block_updated = _block_function(synchronized, training)(
-        x, *block, training, momentum, epsilon, synchronized)
+        x, *block, training, momentum, epsilon, synchronized, recompute)
     updated += block_updated  # (mean1, variance1, mean2, variance2)
   if not updated:
     return x, ()
@@ -509,11 +583,15 @@ class CouplingNet(keras.layers.Layer):
 
   `recompute=True` keeps none of the network's activations for the gradient: the backward pass
   runs the network forward again (a third more compute for a fraction of the memory).
+  `recompute_blocks=True` keeps half: each residual block's backward pass runs its first
+  convolution again instead of keeping its output (one convolution more per block; see
+  `residual_block`).
   `synchronized=False`: batch statistics of each replica's batch (see `BatchNormalization`).
   """
 
   def __init__(self, channels, num_filters, num_blocks, l2=0., momentum=0.9, recompute=False,
-               synchronized=True, kind='resnet', num_classes=0, **kwargs):
+               synchronized=True, kind='resnet', num_classes=0, recompute_blocks=False,
+               **kwargs):
     super().__init__(**kwargs)
     if kind not in ('resnet', 'glow'):
       raise ValueError(f'CouplingNet: kind must be resnet or glow, got {kind!r}.')
@@ -522,6 +600,7 @@ class CouplingNet(keras.layers.Layer):
     self.num_classes = num_classes
     self.channels, self.num_filters, self.num_blocks = channels, num_filters, num_blocks
     self.l2, self.momentum, self.recompute = l2, momentum, recompute
+    self.recompute_blocks = bool(recompute_blocks)
     self.synchronized, self.kind = synchronized, kind
     policy = self.dtype_policy
     self.conv_in = WeightNormConv2D(num_filters, 3, l2, dtype=policy)
@@ -573,7 +652,8 @@ class CouplingNet(keras.layers.Layer):
                [] if self.blocks is None else self.blocks.weights_for_call,
                [layer.weights_for_call for layer in self.hidden],
                self.norm_out.weights_for_call, conv_out, _tensors(self.scale)[0]]
-    args = (bool(training), self.momentum, self.synchronized, self.variable_dtype)
+    args = (bool(training), self.momentum, self.synchronized, self.variable_dtype,
+            self.recompute_blocks)
     if training and self.recompute:
       forward = tf.recompute_grad(lambda x, *flat_weights: coupling_network(
           x, tf.nest.pack_sequence_as(weights, flat_weights), *args))
@@ -592,4 +672,5 @@ class CouplingNet(keras.layers.Layer):
     return {**super().get_config(), 'channels': self.channels, 'num_filters': self.num_filters,
             'num_blocks': self.num_blocks, 'l2': self.l2, 'momentum': self.momentum,
             'synchronized': self.synchronized, 'kind': self.kind,
-            'recompute': self.recompute, 'num_classes': self.num_classes}
+            'recompute': self.recompute, 'num_classes': self.num_classes,
+            'recompute_blocks': self.recompute_blocks}

@@ -39,7 +39,7 @@ class RealNVPConfig:
   `network='glow'`; the `glow` preset has them all).
   Run settings (may change between runs of the same model): `batch_norm_momentum`, `l2`,
   `learning_rate`, `clipnorm`, `compute_dtype`, `validate_args`, `recompute`,
-  `sync_batch_norm`.
+  `recompute_blocks`, `sync_batch_norm`.
   """
   image_shape: tuple = _field((32, 32, 3), ARCHITECTURE, '[H, W, C] of the images.', flag=False)
   num_scales: int = _field(2, ARCHITECTURE, 'Scales of the multi-scale architecture, the final '
@@ -89,6 +89,14 @@ class RealNVPConfig:
   recompute: bool = _field(False, RUN, 'Keep no coupling-network activations for the gradient: '
                            'the backward pass runs each network again (about a third more '
                            'compute, a fraction of the memory).')
+  recompute_blocks: str = _field('auto', RUN, 'Residual blocks whose backward pass runs their '
+                                 'first convolution again instead of keeping its output (half '
+                                 'a block\'s activations, for one convolution more): largest, '
+                                 'those on the model\'s largest maps (H x W x features: the first '
+                                 'scale\'s checkerboard networks in the real_nvp layout); all; '
+                                 'none; auto, largest in float32 and none under mixed precision '
+                                 '(whose activations take half the memory).',
+                                 choices=('auto', 'largest', 'all', 'none'))
   sync_batch_norm: bool = _field(True, RUN, 'Batch statistics over every replica\'s batch, so '
                                  'the loss is the global batch\'s on any number of replicas (4 '
                                  'all-reduces per batch norm per step); false: each replica\'s '
