@@ -212,6 +212,80 @@ def test_batch_norm_follows_training_flag():
   np.testing.assert_allclose(norm.inverse(y_eval, training=True), x, rtol=1e-4, atol=1e-4)
 
 
+def _batch_norm_training_gradients(x, compile_mode):
+  """A loss on BatchNorm's training-mode output and log-det: its value and gradient at `x`, and
+  the same from autodiff through the formula on `synchronized_moments` (the reference)."""
+  from tfp_realnvp.bijectors.batch_norm import synchronized_moments
+  norm = BatchNorm(BatchStatistics(momentum=0.5, dtype=x.dtype.name), SHAPE, dtype=x.dtype)
+  rng = np.random.default_rng(3)
+  weights = tf.constant(rng.normal(size=x.shape), x.dtype)
+  per_example = tf.constant(rng.uniform(0.5, 2., x.shape[:1]), x.dtype)
+
+  def loss(y, log_det):
+    return tf.reduce_sum(weights * y * y) + tf.reduce_sum(per_example * log_det)
+
+  def ours(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      value = loss(*norm.forward_and_log_det(x, training=True))
+    return value, tape.gradient(value, x)
+
+  def reference(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      mean, variance = synchronized_moments(x)
+      log_std = 0.5 * tf.math.log(variance + 1e-4)
+      y = (x - mean) * tf.exp(-log_std)
+      value = loss(y, tf.fill(tf.shape(x)[:1], 16. * tf.reduce_sum(-log_std)))
+    return value, tape.gradient(value, x)
+  if compile_mode != 'eager':
+    ours, reference = (tf.function(f, jit_compile=compile_mode == 'xla')
+                       for f in (ours, reference))
+  return ours(tf.identity(x)), reference(tf.identity(x))
+
+
+@pytest.mark.parametrize('compile_mode', ['eager', 'function', 'xla'])
+def test_batch_norm_training_gradient_is_autodiffs_through_the_statistics(dtype, compile_mode):
+  # The batch's mean and variance depend on x; the custom gradient keeps that dependence (through
+  # the output and the log-det) in a few ops.
+  x = 3. + 2. * _normal([8, *SHAPE], dtype)
+  (value, gradient), (expected_value, expected) = _batch_norm_training_gradients(
+      x, compile_mode)
+  tol = TOLERANCE[dtype]
+  np.testing.assert_allclose(value, expected_value, rtol=tol)
+  assert np.abs(expected).max() > 1e-2
+  np.testing.assert_allclose(gradient, expected, rtol=tol * 10, atol=tol * 10)
+
+
+def test_synchronized_batch_norm_gradient_on_two_replicas_is_the_whole_batchs():
+  # Each replica's loss is its half's; their gradients are the whole batch's on one device,
+  # with 3 collectives per replica (the sums with the count, the deviations, and one backward).
+  from tfp_realnvp import training
+  x = 3. + 2. * _normal([8, *SHAPE], tf.float64)
+  rng = np.random.default_rng(5)
+  weights = tf.constant(rng.normal(size=x.shape))
+  norm = BatchNorm(BatchStatistics(momentum=0.5, dtype='float64'), SHAPE, dtype=tf.float64)
+
+  def run(x, weights):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y, log_det = norm.forward_and_log_det(x, training=True)
+      value = tf.reduce_sum(weights * y * y) + tf.reduce_sum(log_det)
+    return tape.gradient(value, x)
+  expected = run(tf.identity(x), weights)
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  strategy = training.mirrored_strategy(devices)
+  halves = [strategy.experimental_distribute_values_from_function(
+      lambda context, t=t: t[4 * context.replica_id_in_sync_group:][:4]) for t in (x, weights)]
+  step = tf.function(lambda x, w: strategy.run(run, args=(x, w)))
+  graph = step.get_concrete_function(*halves).graph.as_graph_def()
+  got = np.concatenate(strategy.experimental_local_results(step(*halves)))
+  np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+  collectives = sum(node.op.startswith('CollectiveReduce') for nodes in
+                    [graph.node, *(f.node_def for f in graph.library.function)] for node in nodes)
+  assert collectives == 2 * 3
+
+
 def test_logit_round_trip_log_det_and_formula(dtype):
   logit = Logit(SHAPE, dtype=dtype)
   x = tf.random.stateless_uniform([3, *SHAPE], [2, 0], 0., 256., dtype=dtype)

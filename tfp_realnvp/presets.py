@@ -98,7 +98,7 @@ class RealNVPConfig:
                                  '(whose activations take half the memory).',
                                  choices=('auto', 'largest', 'all', 'none'))
   sync_batch_norm: bool = _field(True, RUN, 'Batch statistics over every replica\'s batch, so '
-                                 'the loss is the global batch\'s on any number of replicas (4 '
+                                 'the loss is the global batch\'s on any number of replicas (3 '
                                  'all-reduces per batch norm per step); false: each replica\'s '
                                  'own (no all-reduce; the loss then depends on the split).')
 

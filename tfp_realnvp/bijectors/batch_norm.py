@@ -27,14 +27,17 @@ class BatchStatistics(keras.layers.Layer):
                                            name='moving_variance', aggregation='mean',
                                            autocast=False)
 
-  def call(self, x, training=False):
+  def call(self, x, training=False, with_count=False):
+    """`(mean, variance)`: the batch's in training (updating the running averages), else the
+    running averages; with `with_count` in training, also the number of values per channel (over
+    every replica's batch when synchronized)."""
     if not training:
       return self.moving_mean, self.moving_variance
     mean, variance, count = synchronized_moments(x, with_count=True,
                                                  synchronized=self.synchronized)
     for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
       moving.assign(moving_average(moving, batch, self.momentum, count))
-    return mean, variance
+    return (mean, variance, count) if with_count else (mean, variance)
 
   def get_config(self):
     return {**super().get_config(), 'momentum': self.momentum, 'synchronized': self.synchronized}
@@ -63,7 +66,8 @@ def synchronized_moments(x, with_count=False, synchronized=True):
   batch alone.
 
   Across replicas, two all-reduces forward (the sums with the count, then the squared
-  deviations) and two backward (their gradients), however many channels.
+  deviations), however many channels, and two backward under autodiff (`normalize_by_batch` and
+  the networks' `_synchronized_bn_relu_conv` take one).
   """
   context = tf.distribute.get_replica_context()
   local = not synchronized or one_replica()
@@ -79,6 +83,34 @@ def synchronized_moments(x, with_count=False, synchronized=True):
     squares = context.all_reduce(tf.distribute.ReduceOp.SUM, squares)
   variance = squares / divisor
   return (mean, variance, count) if with_count else (mean, variance)
+
+
+def normalize_by_batch(x, mean, variance, count, epsilon, synchronized=True):
+  """`(y, log_std)`: `y = (x - mean) * exp(-log_std)`, `log_std = 0.5 * log(variance + epsilon)`
+  per channel, for the batch's own statistics `mean`, `variance` (of `count` values per channel,
+  over every replica's batch when `synchronized`), with their dependence on `x` in the gradient,
+  as autodiff through `synchronized_moments` gives it but in a few ops and one all-reduce. With
+  `x^ = (x - mean) / std`, `dy` and `dlog_std` the gradients at the outputs and `N = count`:
+
+    dx = (dy - (sum dy + x^ * (sum(dy x^) - dlog_std)) / N) / std    (sums: every replica's)
+  """
+  context = tf.distribute.get_replica_context()
+  local = not synchronized or one_replica()
+
+  @tf.custom_gradient
+  def normalize(x):
+    log_std = 0.5 * tf.math.log(tf.stop_gradient(variance) + epsilon)
+    inverse_std = tf.exp(-log_std)
+    x_hat = (x - tf.stop_gradient(mean)) * inverse_std
+
+    def gradient(dy, dlog_std):
+      sums = tf.stack([tf.reduce_sum(dy, [0, 1, 2]),
+                       tf.reduce_sum(dy * x_hat, [0, 1, 2]) - dlog_std])
+      if not local:  # (each replica's dlog_std is its share of the loss's)
+        sums = context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+      return inverse_std * (dy - (sums[0] + x_hat * sums[1]) / tf.maximum(count, 1.))
+    return (x_hat, log_std), gradient
+  return normalize(x)
 
 
 class BatchNorm(FlowBijector):
@@ -113,6 +145,11 @@ class BatchNorm(FlowBijector):
     return mean, 0.5 * tf.math.log(tf.cast(variance, x.dtype) + self._epsilon)
 
   def _forward_and_log_det(self, x, training):
+    if training:  # the batch's statistics, their gradient in one pass (`normalize_by_batch`)
+      mean, variance, count = self._statistics(x, training=True, with_count=True)
+      y, log_std = normalize_by_batch(x, *(tf.cast(t, x.dtype) for t in (mean, variance, count)),
+                                      self._epsilon, self._statistics.synchronized)
+      return y, per_pixel_log_det(self.event_shape_in, -log_std, x)
     mean, log_std = self._log_std(x, training)
     return ((x - tf.cast(mean, x.dtype)) * tf.exp(-log_std),
             per_pixel_log_det(self.event_shape_in, -log_std, x))
