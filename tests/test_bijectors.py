@@ -264,20 +264,23 @@ def test_synchronized_batch_norm_gradient_on_two_replicas_is_the_whole_batchs():
   x = 3. + 2. * _normal([8, *SHAPE], tf.float64)
   rng = np.random.default_rng(5)
   weights = tf.constant(rng.normal(size=x.shape))
+  # uneven per replica: each replica's share of the log-det's gradient differs
+  per_example = tf.constant([0.5, 1., 1.5, 2., 3., 4., 5., 6.], tf.float64)
   norm = BatchNorm(BatchStatistics(momentum=0.5, dtype='float64'), SHAPE, dtype=tf.float64)
 
-  def run(x, weights):
+  def run(x, weights, per_example):
     with tf.GradientTape() as tape:
       tape.watch(x)
       y, log_det = norm.forward_and_log_det(x, training=True)
-      value = tf.reduce_sum(weights * y * y) + tf.reduce_sum(log_det)
+      value = tf.reduce_sum(weights * y * y) + tf.reduce_sum(per_example * log_det)
     return tape.gradient(value, x)
-  expected = run(tf.identity(x), weights)
+  expected = run(tf.identity(x), weights, per_example)
   devices = [d.name for d in tf.config.list_logical_devices('CPU')]
   strategy = training.mirrored_strategy(devices)
   halves = [strategy.experimental_distribute_values_from_function(
-      lambda context, t=t: t[4 * context.replica_id_in_sync_group:][:4]) for t in (x, weights)]
-  step = tf.function(lambda x, w: strategy.run(run, args=(x, w)))
+      lambda context, t=t: t[4 * context.replica_id_in_sync_group:][:4])
+      for t in (x, weights, per_example)]
+  step = tf.function(lambda *halves: strategy.run(run, args=halves))
   graph = step.get_concrete_function(*halves).graph.as_graph_def()
   got = np.concatenate(strategy.experimental_local_results(step(*halves)))
   np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)

@@ -56,8 +56,9 @@ def test_fit_calls_the_step_with_one_round_of_graph_optimization(monkeypatch):
   assert all(_rewrite_options(s).meta_optimizer_iterations == RewriterConfig.ONE for s in seen)
   # restored after the call
   assert context.context().function_call_options.config_proto_serialized == before
-  assert model.make_train_function() is model.train_function  # wrapped once
-  assert model.train_function.light_graph_options
+  function = model.train_function
+  assert function.light_graph_options
+  assert model.make_train_function() is function  # wrapped once
 
 
 def test_settings_the_user_made_are_kept():

@@ -432,6 +432,25 @@ def test_residual_block_recomputing_in_bfloat16_is_as_close_to_float32(compile_m
     assert error <= 1.5 * error_kept + 0.005, (name, error, error_kept)
 
 
+@pytest.mark.parametrize('recompute_blocks', [False, True])
+def test_a_network_recomputing_its_blocks_takes_the_recomputing_block(recompute_blocks,
+                                                                      monkeypatch):
+  calls = []
+  recomputing = nets._residual_block_recomputing
+
+  def spy(*args):
+    calls.append(1)
+    return recomputing(*args)
+  monkeypatch.setattr(nets, '_residual_block_recomputing', spy)
+  # a shape of its own (9 features), so the shared block function is traced here
+  net = nets.CouplingNet(channels=2, num_filters=9 + recompute_blocks, num_blocks=3,
+                         recompute_blocks=recompute_blocks)
+  x = tf.random.normal([2, 6, 6, 2])
+  net.build(x.shape)
+  _coupling_net_gradients(net, x)
+  assert len(calls) == (1 if recompute_blocks else 0)  # one trace serves the 3 blocks
+
+
 def test_only_the_largest_maps_recompute_their_blocks_by_default():
   from tfp_realnvp import RealNVP
   def recomputing(**overrides):
@@ -444,6 +463,9 @@ def test_only_the_largest_maps_recompute_their_blocks_by_default():
   assert recomputing(recompute_blocks='all') == [(4, True)] * 3 + [(8, True)] * 7
   assert recomputing(recompute_blocks='none') == [(4, False)] * 3 + [(8, False)] * 7
   assert recomputing(recompute_blocks='largest', compute_dtype='bfloat16') == recomputing()
+  # auto: none with --recompute (each network runs again anyway); never in float64
+  assert recomputing(recompute=True) == [(4, False)] * 3 + [(8, False)] * 7
+  assert recomputing(recompute_blocks='all', dtype='float64') == recomputing(recompute=True)
   # auto: none under mixed precision (half the activation memory already)
   assert recomputing(compute_dtype='bfloat16') == [(4, False)] * 3 + [(8, False)] * 7
   # glow layout: each scale squeezes first, the same features at every scale: the first

@@ -11,11 +11,12 @@ shape, and their backward passes), and optimizing them was about a quarter of th
   fuses a convolution with its bias and ReLU); the others took about 50 ms per function.
 So the step runs one round, and its functions the remapper, the layout optimizer (NHWC/NCHW on
 GPUs) and the memory optimizer alone. Each figure: TF's own log (`TF_CPP_VMODULE=
-meta_optimizer=1`). Side by side (README): the first step 0.8 s (`cifar10`) and 0.9 s (small
-MNIST model) shorter, the steps the same.
+meta_optimizer=1`). Side by side (README, "Speed and memory"): the small MNIST model's first step
+0.85 s shorter, the steps the same.
 
 A setting the user made (`tf.config.optimizer.set_experimental_options`, or a pass turned on or
-off in the context's config) is kept as made.
+off in the context's config) is kept as made; `graph_options.ENABLED = False` (before `fit`
+makes its train function) keeps TF's defaults everywhere.
 
 TF has no public way to give a function's call sites options other than the context's: this
 sets the current thread's `context.function_call_options` (TF's own mechanism, used by
@@ -27,6 +28,8 @@ import contextlib
 from tensorflow.core.protobuf import config_pb2
 from tensorflow.core.protobuf import rewriter_config_pb2
 from tensorflow.python.eager import context
+
+ENABLED = True  # False: TF's own options for the step and its functions
 
 _DEFAULT = rewriter_config_pb2.RewriterConfig.DEFAULT
 _OFF = rewriter_config_pb2.RewriterConfig.OFF
@@ -44,16 +47,18 @@ def _copy(config):
   return copy
 
 
-def _context_config():
-  config = _copy(context.context().config)
-  config.allow_soft_placement = True  # as TF's own function call options
+def _current_config():
+  """The options this thread's function call sites get now (TF's: the context's config, with
+  soft placement unless the user set it)."""
+  config = config_pb2.ConfigProto()
+  config.ParseFromString(context.context().function_call_options.config_proto_serialized)
   return config
 
 
 def step_config(config=None):
   """The options for the training step's own graph: one round of grappler's passes, unless the
   user chose the rounds."""
-  config = _context_config() if config is None else _copy(config)
+  config = _current_config() if config is None else _copy(config)
   rewrite = config.graph_options.rewrite_options
   if rewrite.meta_optimizer_iterations == rewriter_config_pb2.RewriterConfig.DEFAULT_NUM_ITERS:
     rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE

@@ -161,10 +161,13 @@ class RealNVP(keras.Model):
     """Whether a network's residual blocks recompute their first convolution in the backward
     pass (`RealNVPConfig.recompute_blocks`): 'largest' on the largest maps, `H * W * filters`
     (the first scale's; in the real_nvp layout its checkerboard networks, before the squeeze);
-    'auto' as 'largest' in float32, as 'none' under mixed precision."""
+    'auto' as 'largest' in float32, as 'none' under mixed precision or with `recompute` (which
+    runs each network again anyway). Never in float64, which keeps autodiff's tensors."""
     mode = self.config.recompute_blocks
+    if self.config.dtype == 'float64':
+      return False
     if mode == 'auto':
-      mode = 'none' if self.config.compute_dtype else 'largest'
+      mode = 'none' if self.config.compute_dtype or self.config.recompute else 'largest'
     if mode != 'largest':
       return mode == 'all'
     height, width = self.config.image_shape[:2]
@@ -500,15 +503,14 @@ class RealNVP(keras.Model):
     self.compile(optimizer=optimizer, jit_compile=config.get('jit_compile') is True,
                  metrics=metrics, **kwargs)
 
-  # The steps have no control flow on tensors: AutoGraph's conversion of them (0.46 s of a
-  # profiled trace of the small MNIST model's step) buys nothing.
   def make_train_function(self, force=False):
     """Keras' train function, called with lighter graph optimization for its first call
     (`graph_options`: one round of grappler's passes on the step, the few that change something
     on the networks it calls)."""
     super().make_train_function(force)
     function = self.train_function
-    if function is not None and not getattr(function, 'light_graph_options', False):
+    if (graph_options.ENABLED and function is not None and
+        not getattr(function, 'light_graph_options', False)):
       def train_function(*args, **kwargs):
         with graph_options.function_call_config(graph_options.step_config()):
           return function(*args, **kwargs)
@@ -516,11 +518,15 @@ class RealNVP(keras.Model):
       self.train_function = train_function
     return self.train_function
 
+  # The steps have no control flow on tensors: AutoGraph's conversion of them (0.46 s of a
+  # profiled trace of the small MNIST model's step) buys nothing.
   @tf.autograph.experimental.do_not_convert
   def train_step(self, data):
     """Keras' step; the gradient is clipped by the global norm of its sum over replicas, in the
     optimizer's all-reduce (see `compile`). The functions it calls (networks, residual blocks)
     get `graph_options.network_config()`."""
+    if not graph_options.ENABLED:
+      return self._train_step(data)
     with graph_options.function_call_config(graph_options.network_config()):
       return self._train_step(data)
 

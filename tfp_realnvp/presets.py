@@ -95,7 +95,8 @@ class RealNVPConfig:
                                  'those on the model\'s largest maps (H x W x features: the first '
                                  'scale\'s checkerboard networks in the real_nvp layout); all; '
                                  'none; auto, largest in float32 and none under mixed precision '
-                                 '(whose activations take half the memory).',
+                                 '(whose activations take half the memory) or with --recompute. '
+                                 'On one replica or with --nosync_batch_norm; not in float64.',
                                  choices=('auto', 'largest', 'all', 'none'))
   sync_batch_norm: bool = _field(True, RUN, 'Batch statistics over every replica\'s batch, so '
                                  'the loss is the global batch\'s on any number of replicas (3 '
