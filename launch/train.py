@@ -21,6 +21,7 @@ from tfp_realnvp import hardware, training
 from tfp_realnvp.data import evaluation_batches, training_batches
 from tfp_realnvp.images import save_png
 from tfp_realnvp.model import RealNVP, to_uint8
+from tfp_realnvp.nets import CouplingNet
 
 FLAGS = launch_flags.FLAGS
 launch_flags.define_workdir('Directory of the run: config.json, checkpoints/, logs/ (TensorBoard), '
@@ -84,11 +85,26 @@ def banner(model, config, data, strategy, global_batch, steps, start):
              f'{", XLA" if FLAGS.jit_compile else ""}'
              f'{", " + config.compute_dtype if config.compute_dtype else ""}'
              f'{", recompute" if config.recompute else ""}')
+  common.say(f'  {recompute_blocks_summary(model, config, strategy.num_replicas_in_sync)}')
   if config.compute_dtype:
     native, why = hardware.native_precision(config.compute_dtype)
     common.say(f'  mixed precision: {why}' if native else f'  warning: {why}')
   where = f'resuming from step {start}' if start else 'new run'
   common.say(f'  workdir: {FLAGS.workdir} ({where})')
+
+
+def recompute_blocks_summary(model, config, replicas):
+  """What `--recompute_blocks` does in this run, in words."""
+  networks = [layer for layer in model.flow_layers if isinstance(layer, CouplingNet)]
+  recomputing = sum(net.recompute_blocks and net.blocks is not None for net in networks)
+  setting = f'recompute_blocks={config.recompute_blocks}'
+  if not recomputing:
+    return f'{setting}: every residual block keeps its activations'
+  if config.sync_batch_norm and replicas > 1:
+    return (f'{setting}: not applied (batch statistics synchronized over {replicas} replicas); '
+            'every residual block keeps its activations')
+  return (f'{setting}: the residual blocks of {recomputing} of {len(networks)} coupling networks '
+          'recompute their first convolution in the backward pass')
 
 
 def _count(number):

@@ -243,3 +243,21 @@ def test_train_with_glows_layers_from_flags(digits, tmp_path):
   assert 0 < _metrics(workdir)['test_bits_per_dim'] < 20
   ok(launch('evaluate', f'--workdir={workdir}'))
 
+
+
+def test_the_banner_says_what_recompute_blocks_does():
+  from launch.train import recompute_blocks_summary
+  from tfp_realnvp import RealNVP
+  small = dict(image_shape=(8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
+  model = RealNVP('mnist', **small)
+  assert recompute_blocks_summary(model, model.config, 1) == (
+      'recompute_blocks=auto: the residual blocks of 3 of 10 coupling networks recompute their '
+      'first convolution in the backward pass')
+  assert 'not applied (batch statistics synchronized over 2 replicas)' in \
+      recompute_blocks_summary(model, model.config, 2)
+  unsynchronized = RealNVP('mnist', sync_batch_norm=False, **small)
+  assert 'the residual blocks of 3 of 10' in recompute_blocks_summary(
+      unsynchronized, unsynchronized.config, 2)
+  mixed = RealNVP('mnist', compute_dtype='bfloat16', **small)
+  assert recompute_blocks_summary(mixed, mixed.config, 1) == (
+      'recompute_blocks=auto: every residual block keeps its activations')
