@@ -406,10 +406,12 @@ def test_a_resumed_run_with_new_run_settings_reports_and_logs_it_all(tmp_path):
   for result in (first, second):
     assert '\r' not in result.stdout and '\x1b' not in result.stdout  # a log file, not a bar
   lines = second.stdout.splitlines()
-  banner = '\n'.join(lines[:6])
+  banner = '\n'.join(lines[:7])
   for part in ('launch.train: real_nvp', 'parameters', 'data: npz:', '1,500 train / 100 test',
                'strategy:', 'replica', f'workdir: {workdir} (resuming from step 30)',
-               'recompute', 'bfloat16'):
+               'recompute', 'bfloat16',
+               # auto: none with --recompute and under mixed precision
+               'recompute_blocks=auto: every residual block keeps its activations'):
     assert part in banner, (part, banner)
   assert 'step 40/60 (epoch 2/3): bits_per_dim' in second.stdout
   assert 'epoch 2/3 done at step 40' in second.stdout  # not "Epoch 2/2"
