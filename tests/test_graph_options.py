@@ -36,7 +36,7 @@ def test_the_functions_a_training_step_calls_get_the_network_options():
     assert rewrite.meta_optimizer_iterations == RewriterConfig.ONE, op.name
     assert rewrite.constant_folding == RewriterConfig.OFF, op.name
     assert rewrite.arithmetic_optimization == RewriterConfig.OFF, op.name
-    assert rewrite.remapping == RewriterConfig.DEFAULT, op.name  # fuses conv, bias, ReLU
+    assert rewrite.remapping == RewriterConfig.DEFAULT, op.name  # fuses a convolution with its bias
     assert rewrite.layout_optimizer == RewriterConfig.DEFAULT, op.name
     assert not rewrite.disable_meta_optimizer, op.name
 

@@ -8,7 +8,7 @@ shape, and their backward passes), and optimizing them was about a quarter of th
 - the step's graph: grappler's second round of its passes changes next to nothing (it removed 83
   duplicate constants of about 3,700 ops at the small MNIST model) and took half of its time;
 - each network and block function: of grappler's passes only the remapper changed a node (it
-  fuses a convolution with its bias and ReLU); the others took about 50 ms per function.
+  fuses a convolution with its bias); the others took about 50 ms per function.
 So the step runs one round, and its functions the remapper, the layout optimizer (NHWC/NCHW on
 GPUs) and the memory optimizer alone. Each figure: TF's own log (`TF_CPP_VMODULE=
 meta_optimizer=1`). Side by side (README, "Speed and memory"): the small MNIST model's first step

@@ -511,8 +511,10 @@ class RealNVP(keras.Model):
     function = self.train_function
     if (graph_options.ENABLED and function is not None and
         not getattr(function, 'light_graph_options', False)):
+      config = graph_options.step_config()  # (only a function's first call reads it)
+
       def train_function(*args, **kwargs):
-        with graph_options.function_call_config(graph_options.step_config()):
+        with graph_options.function_call_config(config):
           return function(*args, **kwargs)
       train_function.light_graph_options = True
       self.train_function = train_function

@@ -159,15 +159,14 @@ def _bn_relu_conv_backward(dy, x, gamma, beta, moving_mean, moving_variance, v, 
 def _keeping_only_input(x, gamma, beta, moving_mean, moving_variance, v, g, bias, momentum,
                         epsilon, conv_dtype):
   """`(y, *updated)` of `_bn_relu_conv_forward`, with a gradient that keeps only `x`."""
-  statistics = (moving_mean, moving_variance, momentum, epsilon, conv_dtype)
-
   @tf.custom_gradient
   def unit(x, gamma, beta, v, g, bias):
     y, updated = _bn_relu_conv_forward(x, gamma, beta, moving_mean, moving_variance, v, g, bias,
                                        momentum, epsilon, conv_dtype)
 
     def gradient(dy, *unused_updates_gradients):
-      return _bn_relu_conv_backward(dy, x, gamma, beta, *statistics[:2], v, g, *statistics[2:])
+      return _bn_relu_conv_backward(dy, x, gamma, beta, moving_mean, moving_variance, v, g,
+                                    momentum, epsilon, conv_dtype)
     return (y, *updated), gradient
   return unit(x, gamma, beta, v, g, bias)
 
