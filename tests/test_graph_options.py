@@ -5,13 +5,14 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context
 
-from tfp_realnvp import RealNVP, graph_options
+from tfp_realnvp import RealNVP, graph_options, training
 
 RewriterConfig = rewriter_config_pb2.RewriterConfig
 
 
-def _small_model():
-  model = RealNVP('mnist', image_shape=(8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
+def _small_model(**overrides):
+  model = RealNVP('mnist', image_shape=(8, 8, 1), num_scales=2, num_blocks=1, num_filters=4,
+                  **overrides)
   model.compile()
   return model
 
@@ -54,6 +55,15 @@ def test_fit_calls_the_step_with_one_round_of_graph_optimization(monkeypatch):
   model.fit(np.full([8, 8, 8, 1], 128, np.uint8), batch_size=4, epochs=1, verbose=0)
   assert seen, 'the step was not traced through train_step'
   assert all(_rewrite_options(s).meta_optimizer_iterations == RewriterConfig.ONE for s in seen)
+  # its networks run as functions: the passes that change nothing in the step's graph are off
+  for serialized in seen:
+    rewrite = _rewrite_options(serialized)
+    for name in ('layout_optimizer', 'remapping', 'loop_optimization', 'function_optimization',
+                 'implementation_selector'):
+      assert getattr(rewrite, name) == RewriterConfig.OFF, name
+    assert rewrite.memory_optimization == RewriterConfig.NO_MEM_OPT
+    assert rewrite.constant_folding == RewriterConfig.DEFAULT  # those that change it are kept
+    assert rewrite.common_subgraph_elimination == RewriterConfig.DEFAULT
   # restored after the call
   assert context.context().function_call_options.config_proto_serialized == before
   function = model.train_function
@@ -74,3 +84,68 @@ def test_settings_the_user_made_are_kept():
   step = graph_options.step_config(config_pb2.ConfigProto()).graph_options.rewrite_options
   assert step.meta_optimizer_iterations == RewriterConfig.ONE
   assert step.constant_folding == RewriterConfig.DEFAULT  # the step keeps every pass
+
+
+def _convolutions_in_the_steps_own_graph(model, strategy=None):
+  """How many convolution ops (forward or backward) the traced training step holds in its own
+  graph (not in the functions it calls)."""
+  images = tf.zeros([4, 8, 8, 1], tf.uint8)
+  if strategy is None:
+    graph = tf.function(model.train_step).get_concrete_function(images).graph
+  else:
+    batch = next(iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(images))))
+    graph = tf.function(lambda data: strategy.run(model.train_step, args=(data,))
+                        ).get_concrete_function(batch).graph
+  return sum(op.type.startswith('Conv2D') for op in graph.get_operations())
+
+
+def test_the_step_keeps_every_pass_where_its_own_graph_holds_the_networks_convolutions(
+    monkeypatch):
+  asked = []
+  step_config = graph_options.step_config
+
+  def spy(config=None, networks_in_functions=True):
+    asked.append(networks_in_functions)
+    return step_config(config, networks_in_functions)
+  monkeypatch.setattr(graph_options, 'step_config', spy)
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  cases = {'one replica': ({}, None), '--recompute': ({'recompute': True}, None),
+           '2 replicas, synchronized': ({}, devices),
+           '2 replicas, --nosync_batch_norm': ({'sync_batch_norm': False}, devices)}
+  seen = {}
+  for case, (overrides, replicas) in cases.items():
+    strategy = training.mirrored_strategy(replicas) if replicas else None
+    if strategy is None:
+      model = _small_model(**overrides)
+    else:
+      with strategy.scope():
+        model = _small_model(**overrides)
+    in_functions = model._networks_run_as_functions_in_training()
+    convolutions = _convolutions_in_the_steps_own_graph(model, strategy)
+    # what the step's options assume is what the traced step holds
+    assert in_functions == (convolutions == 0), (case, convolutions)
+    seen[case] = in_functions
+    model.make_train_function()  # the options it calls the step with
+    assert asked.pop() == in_functions, case
+  assert seen == {'one replica': True, '--recompute': False, '2 replicas, synchronized': False,
+                  '2 replicas, --nosync_batch_norm': True}
+
+
+def test_the_step_config_turns_off_only_passes_left_at_their_defaults():
+  config = config_pb2.ConfigProto()
+  rewrite = config.graph_options.rewrite_options
+  rewrite.remapping = RewriterConfig.ON
+  rewrite.memory_optimization = RewriterConfig.MANUAL
+  light = graph_options.step_config(config).graph_options.rewrite_options
+  assert light.remapping == RewriterConfig.ON
+  assert light.memory_optimization == RewriterConfig.MANUAL
+  assert light.layout_optimizer == RewriterConfig.OFF
+  full = graph_options.step_config(config_pb2.ConfigProto(), networks_in_functions=False)
+  rewrite = full.graph_options.rewrite_options
+  assert rewrite.layout_optimizer == RewriterConfig.DEFAULT
+  assert rewrite.memory_optimization == RewriterConfig.DEFAULT_MEM_OPT
+  assert rewrite.meta_optimizer_iterations == RewriterConfig.ONE
+  # the networks keep the memory optimizer
+  network = graph_options.network_config(config_pb2.ConfigProto()).graph_options.rewrite_options
+  assert network.memory_optimization == RewriterConfig.DEFAULT_MEM_OPT

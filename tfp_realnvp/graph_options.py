@@ -6,13 +6,19 @@ carries. A training step is one large function (the step: reading, clipping and 
 variable, the flow's arithmetic) calling small ones (a coupling network or a residual block per
 shape, and their backward passes), and optimizing them was about a quarter of the first step:
 - the step's graph: grappler's second round of its passes changes next to nothing (it removed 83
-  duplicate constants of about 3,700 ops at the small MNIST model) and took half of its time;
+  duplicate constants of about 3,700 ops at the small MNIST model) and took half of its time; of
+  the first round's passes, the layout optimizer, the remapper, the loop, memory and function
+  optimizers and the implementation selector changed no node of it (at the small MNIST model and
+  at `cifar10`, where its networks run as functions: they hold the convolutions);
 - each network and block function: of grappler's passes only the remapper changed a node (it
   fuses a convolution with its bias); the others took about 50 ms per function.
-So the step runs one round, and its functions the remapper, the layout optimizer (NHWC/NCHW on
-GPUs) and the memory optimizer alone. Each figure: TF's own log (`TF_CPP_VMODULE=
-meta_optimizer=1`). Side by side (README, "Speed and memory"): the small MNIST model's first step
-0.85 s shorter, the steps the same.
+So the step runs one round of the passes that change it (pruning, common subexpressions,
+constant folding, arithmetic and dependency optimization), and its functions the remapper, the
+layout optimizer (NHWC/NCHW on GPUs) and the memory optimizer alone. Where the step's own graph
+holds the networks' convolutions (`--recompute`, or batch statistics synchronized over several
+replicas), the step keeps every pass. Each figure: TF's own log (`TF_CPP_VMODULE=
+meta_optimizer=1`). Side by side (README, "Speed and memory"): the first step of the small MNIST
+model and of `cifar10` shorter, the steps the same.
 
 A setting the user made (`tf.config.optimizer.set_experimental_options`, or a pass turned on or
 off in the context's config) is kept as made; `graph_options.ENABLED = False` (before `fit`
@@ -39,6 +45,10 @@ _UNUSED_IN_NETWORKS = ('constant_folding', 'arithmetic_optimization', 'loop_opti
                        'dependency_optimization', 'function_optimization',
                        'common_subgraph_elimination', 'shape_optimization',
                        'implementation_selector', 'pin_to_host_optimization', 'debug_stripper')
+# Those that changed nothing in the step's own graph where its networks run as functions (TF's
+# log; with the memory optimizer, whose setting has a type of its own).
+_UNUSED_IN_STEP = ('layout_optimizer', 'remapping', 'loop_optimization', 'function_optimization',
+                   'implementation_selector')
 
 
 def _copy(config):
@@ -55,9 +65,9 @@ def _current_config():
   return config
 
 
-def step_config(config=None):
-  """The options for the training step's own graph: one round of grappler's passes, unless the
-  user chose the rounds."""
+def _one_round(config):
+  """`config` (a copy; the thread's current options when None) with one round of grappler's
+  passes, unless the user chose the rounds."""
   config = _current_config() if config is None else _copy(config)
   rewrite = config.graph_options.rewrite_options
   if rewrite.meta_optimizer_iterations == rewriter_config_pb2.RewriterConfig.DEFAULT_NUM_ITERS:
@@ -65,16 +75,34 @@ def step_config(config=None):
   return config
 
 
+def _turn_off(config, passes, memory=True):
+  """Turns off each of `passes` (and with `memory`, the memory optimizer) that the user left at
+  its default."""
+  rewrite = config.graph_options.rewrite_options
+  for name in passes:
+    if getattr(rewrite, name) == _DEFAULT:
+      setattr(rewrite, name, _OFF)
+  if memory and rewrite.memory_optimization == rewriter_config_pb2.RewriterConfig.DEFAULT_MEM_OPT:
+    rewrite.memory_optimization = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+  return config
+
+
+def step_config(config=None, networks_in_functions=True):
+  """The options for the training step's own graph: one round of grappler's passes, unless the
+  user chose the rounds; with `networks_in_functions` (the step calls its networks as functions,
+  so its own graph holds none of their convolutions), without the passes that changed nothing
+  there (`_UNUSED_IN_STEP`, the memory optimizer)."""
+  config = _one_round(config)
+  if networks_in_functions:
+    _turn_off(config, _UNUSED_IN_STEP)
+  return config
+
+
 def network_config(config=None):
   """The options for the functions the step calls (networks, residual blocks, their backward
   passes): one round, and of the passes the user left at their defaults, the remapper, the
   layout and the memory optimizers only."""
-  config = step_config(config)
-  rewrite = config.graph_options.rewrite_options
-  for name in _UNUSED_IN_NETWORKS:
-    if getattr(rewrite, name) == _DEFAULT:
-      setattr(rewrite, name, _OFF)
-  return config
+  return _turn_off(_one_round(config), _UNUSED_IN_NETWORKS, memory=False)
 
 
 @contextlib.contextmanager

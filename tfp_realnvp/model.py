@@ -511,7 +511,9 @@ class RealNVP(keras.Model):
     function = self.train_function
     if (graph_options.ENABLED and function is not None and
         not getattr(function, 'light_graph_options', False)):
-      config = graph_options.step_config()  # (only a function's first call reads it)
+      # (only a function's first call reads it)
+      config = graph_options.step_config(
+          networks_in_functions=self._networks_run_as_functions_in_training())
 
       def train_function(*args, **kwargs):
         with graph_options.function_call_config(config):
@@ -519,6 +521,14 @@ class RealNVP(keras.Model):
       train_function.light_graph_options = True
       self.train_function = train_function
     return self.train_function
+
+  def _networks_run_as_functions_in_training(self):
+    """Whether the training step calls its coupling networks as `nets`' shared traced functions
+    (its own graph then holds none of their convolutions): not with `recompute` (TF's
+    `recompute_grad` around each network) nor with batch statistics synchronized over several
+    replicas (the networks are then inlined)."""
+    replicas = self.distribute_strategy.num_replicas_in_sync
+    return not self.config.recompute and (replicas == 1 or not self.config.sync_batch_norm)
 
   # The steps have no control flow on tensors: AutoGraph's conversion of them (0.46 s of a
   # profiled trace of the small MNIST model's step) buys nothing.
