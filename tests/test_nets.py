@@ -91,6 +91,22 @@ def test_l2_decay_is_keras_l2_and_serializes():
   assert isinstance(restored, nets.L2) and restored.l2 == 3e-4
 
 
+def test_l2_decay_gradient_is_two_l2_w_with_no_unused_op():
+  @tf.function(autograph=False)
+  def gradient(w):
+    with tf.GradientTape() as tape:
+      tape.watch(w)
+      decay = nets.L2(5e-5)(w)
+    return decay, tape.gradient(decay, w)
+  w = tf.constant(np.random.default_rng(1).normal(size=[3, 3, 2, 4]), tf.float32)
+  np.testing.assert_allclose(gradient(w)[1], 1e-4 * w.numpy(), rtol=1e-6)
+  graph = gradient.get_concrete_function(w).graph
+  used = {i.op.name for op in graph.get_operations() for i in op.inputs}
+  used |= {t.op.name for t in graph.outputs}
+  unused = [op.type for op in graph.get_operations() if op.name not in used]
+  assert unused == [], unused  # (with the constant first, the tape made its gradient too)
+
+
 def test_fused_adam_refuses_amsgrad():
   with pytest.raises(ValueError, match='amsgrad'):
     optimizers.Adam(amsgrad=True)
