@@ -348,7 +348,7 @@ def test_synchronized_bn_relu_conv_keeps_the_whole_batchs_gradient_with_one_all_
       np.testing.assert_allclose(got, expected, err_msg=name, **tolerance)
 
 
-def _saved_activations(keep_only_inputs, recompute=False):
+def _saved_activations(keep_only_inputs, recompute=False, recompute_batch_norm=True):
   """The distinct activation-sized tensors a residual block's forward pass keeps for its backward
   pass (Identity aliases resolved), besides its output."""
   x, norm, conv = _unit_inputs(tf.float32, channels=4)
@@ -360,7 +360,8 @@ def _saved_activations(keep_only_inputs, recompute=False):
   def step(x):
     with tf.GradientTape() as tape:
       tape.watch(x)
-      y, _ = block(x, norm, conv, norm, conv, True, 0.9, 1e-4, True, recompute)
+      y, _ = block(x, norm, conv, norm, conv, True, 0.9, 1e-4, True, recompute,
+                   recompute_batch_norm)
     return tape.gradient(y, x)
   before = nets.KEEP_ONLY_CONVOLUTION_OUTPUTS
   nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = keep_only_inputs
@@ -388,6 +389,29 @@ def test_residual_block_keeps_only_the_convolution_inputs_of_its_batch_norms():
   assert sorted(op for op, _ in _saved_activations(True)) == ['BiasAdd', 'Placeholder']
   # Recomputing the first convolution too keeps the block's input alone.
   assert sorted(op for op, _ in _saved_activations(True, recompute=True)) == ['Placeholder']
+  # recompute_batch_norm=False: the ReLU outputs kept, as autodiff does
+  assert sorted(op for op, _ in _saved_activations(True, recompute_batch_norm=False)) == sorted(
+      op for op, _ in kept)
+
+
+@pytest.mark.parametrize('compile_mode', ['eager', 'function', 'xla'])
+def test_bn_relu_conv_that_keeps_its_relu_output_gives_the_same_gradient(compile_mode):
+  x, norm, conv = _unit_inputs(tf.bfloat16)
+
+  def run(x, norm, conv, recompute_batch_norm):
+    with tf.GradientTape() as tape:
+      tape.watch([x, *norm[:2], *conv])
+      y, updated = nets.bn_relu_conv(x, norm, conv, True, 0.9, 1e-4,
+                                     recompute_batch_norm=recompute_batch_norm)
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(tf.cast(y, tf.float32)))
+    return [y, *updated, *tape.gradient(loss, [x, *norm[:2], *conv])]
+  if compile_mode != 'eager':
+    run = tf.function(run, jit_compile=compile_mode == 'xla')
+  kept = [np.asarray(tf.cast(t, tf.float32)) for t in run(x, norm, conv, False)]
+  # the same arithmetic as autodiff's path (the global switch off)
+  expected = _unit_and_gradients(x, norm, conv, False, compile_mode)
+  for a, b in zip(kept, expected, strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def _block_and_gradients(x, norm1, conv1, norm2, conv2, recompute, compile_mode):
@@ -487,6 +511,18 @@ def test_only_the_largest_maps_recompute_their_blocks_by_default():
   # glow layout: each scale squeezes first, the same features at every scale: the first
   # scale's 2 couplings (4x4 maps) recompute, the second's (2x2) not
   assert recomputing(layout='glow', steps_per_scale=2) == [(4, True)] * 2 + [(4, False)] * 2
+
+
+def test_batch_norm_is_recomputed_in_float32_and_kept_under_mixed_precision_by_default():
+  from tfp_realnvp import RealNVP
+  def recomputing(**overrides):
+    model = RealNVP('cifar10', image_shape=(8, 8, 3), num_blocks=1, num_filters=4, **overrides)
+    return {n.recompute_batch_norm for n in model.flow_layers
+            if isinstance(n, nets.CouplingNet)}
+  assert recomputing() == {True}
+  assert recomputing(compute_dtype='bfloat16') == {False}
+  assert recomputing(compute_dtype='bfloat16', recompute_batch_norm='on') == {True}
+  assert recomputing(recompute_batch_norm='off') == {False}
 
 
 def test_one_graph_may_run_many_flow_passes_at_once():

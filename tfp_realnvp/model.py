@@ -185,7 +185,18 @@ class RealNVP(keras.Model):
                        momentum=self.config.batch_norm_momentum, recompute=self.config.recompute,
                        synchronized=self.config.sync_batch_norm, kind=self.config.network,
                        num_classes=self.config.num_classes, dtype=policy,
-                       recompute_blocks=self._recomputes_blocks(event_shape, filters))
+                       recompute_blocks=self._recomputes_blocks(event_shape, filters),
+                       recompute_batch_norm=self._recomputes_batch_norm())
+
+  def _recomputes_batch_norm(self):
+    """Whether the networks' batch norm -> ReLU -> convolution units run their batch norm and ReLU
+    again in the backward pass instead of keeping the ReLU's output
+    (`RealNVPConfig.recompute_batch_norm`): 'auto' in float32 (the memory), not under mixed
+    precision (the speed)."""
+    mode = self.config.recompute_batch_norm
+    if mode == 'auto':
+      return not self.config.compute_dtype
+    return mode == 'on'
 
   def _batch_statistics(self):
     return BatchStatistics(self.config.batch_norm_momentum, self.config.sync_batch_norm,

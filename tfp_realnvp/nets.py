@@ -96,7 +96,7 @@ def convolution_backward(x, kernel, dy):
 
 
 def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None,
-                 synchronized=True):
+                 synchronized=True, recompute_batch_norm=True):
   """`conv(relu(bn(x)))` (`norm`: gamma, beta, running mean and variance; `conv`: v, g, bias;
   the convolution's input cast to `conv_dtype` if given) and the batch norm's updated running
   averages.
@@ -106,12 +106,14 @@ def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None,
   does:
   autodiff would keep `x` for the batch norm and `relu(bn(x))` for the convolution, twice the
   memory. The gradient is the same (`tests/test_nets.py`). With statistics synchronized across
-  replicas, see `_synchronized_bn_relu_conv`.
+  replicas, see `_synchronized_bn_relu_conv`. `recompute_batch_norm=False` (one replica's
+  statistics): autodiff's, both tensors kept and nothing recomputed (under mixed precision the
+  faster, `RealNVPConfig.recompute_batch_norm`).
   """
   if training and KEEP_ONLY_CONVOLUTION_OUTPUTS and not _local(synchronized):
     # (every replica takes this path, whatever its batch: their collectives must match)
     return _synchronized_bn_relu_conv(x, norm, conv, momentum, epsilon, conv_dtype)
-  if not _keeps_only_inputs(x, training, synchronized):
+  if not (recompute_batch_norm and _keeps_only_inputs(x, training, synchronized)):
     h, updated = batch_norm(x, *norm, training, momentum, epsilon, synchronized)
     h = tf.nn.relu(h)
     return weight_norm_conv(h if conv_dtype is None else tf.cast(h, conv_dtype), *conv), updated
@@ -257,19 +259,20 @@ def _synchronized_bn_relu_conv(x, norm, conv, momentum, epsilon, conv_dtype=None
 
 
 def residual_block(x, norm1, conv1, norm2, conv2, training, momentum, epsilon,
-                   synchronized=True, recompute=False):
+                   synchronized=True, recompute=False, recompute_batch_norm=True):
   """`x + conv(relu(bn(conv(relu(bn(x))))))` from the layers' weights (`norm*`: gamma, beta,
   running mean and variance; `conv*`: v, g, bias). Returns `(y, updated running averages)`.
 
   `recompute`: in training with one replica's statistics, the backward pass keeps only `x` and
   runs the first convolution again (`_residual_block_recomputing`); otherwise it keeps `x` and
-  the first convolution's output (`bn_relu_conv`)."""
+  the first convolution's output (`bn_relu_conv`; with `recompute_batch_norm=False`, also each
+  unit's ReLU output, as autodiff does)."""
   if recompute and _keeps_only_inputs(x, training, synchronized):
     return _residual_block_recomputing(x, norm1, conv1, norm2, conv2, momentum, epsilon)
   h, updated1 = bn_relu_conv(x, norm1, conv1, training, momentum, epsilon,
-                             synchronized=synchronized)
+                             synchronized=synchronized, recompute_batch_norm=recompute_batch_norm)
   h, updated2 = bn_relu_conv(h, norm2, conv2, training, momentum, epsilon,
-                             synchronized=synchronized)
+                             synchronized=synchronized, recompute_batch_norm=recompute_batch_norm)
   return x + h, updated1 + updated2
 
 
@@ -300,12 +303,13 @@ def _residual_block_function(x, norm1, conv1, norm2, conv2, *args):
 
 
 def coupling_network(x, weights, training, momentum, synchronized=True, conv_dtype='float32',
-                     recompute_blocks=False):
+                     recompute_blocks=False, recompute_batch_norm=True):
   """Real NVP's s/t network from its weights: `(s, t, *updated running averages)`, with no side
   effects (so a backward pass may run it again, and one traced function may serve every network
   of a shape). `weights`: `[conv_in, class_bias, blocks, hidden, norm_out, conv_out, scale]`, as
   `CouplingNet.call` gathers them; the output convolution runs in `conv_dtype`.
-  `recompute_blocks`: see `residual_block`'s `recompute`."""
+  `recompute_blocks`: see `residual_block`'s `recompute`; `recompute_batch_norm`: see
+  `bn_relu_conv`."""
   conv_in, class_bias, blocks, hidden, norm_out, conv_out, scale = weights
   h = weight_norm_conv(x, *conv_in)
   for bias in class_bias:  # [N, 1, 1, F]: the class's bias
@@ -313,15 +317,17 @@ def coupling_network(x, weights, training, momentum, synchronized=True, conv_dty
   updated = ()
   if blocks:
     h, updated = residual_blocks(h, blocks, training, momentum, EPSILON, synchronized,
-                                 recompute_blocks)
+                                 recompute_blocks, recompute_batch_norm)
   if hidden:
     h, hidden_updated = bn_relu_conv(h, *hidden, training, momentum, EPSILON,
-                                     synchronized=synchronized)
+                                     synchronized=synchronized,
+                                     recompute_batch_norm=recompute_batch_norm)
     updated += hidden_updated
   # Under mixed precision, s and t come from a float32 convolution: their rounding would
   # otherwise enter the log-det and the latent directly (a small share of the FLOPs).
   h, out_updated = bn_relu_conv(h, norm_out, conv_out, training, momentum, EPSILON,
-                                conv_dtype=conv_dtype, synchronized=synchronized)
+                                conv_dtype=conv_dtype, synchronized=synchronized,
+                                recompute_batch_norm=recompute_batch_norm)
   raw_s, t = tf.split(h, 2, axis=-1)
   return (scale * tf.tanh(raw_s), t, *updated, *out_updated)
 
@@ -470,15 +476,15 @@ def unstack_blocks(stacked):
 
 
 def residual_blocks(x, stacked, training, momentum, epsilon, synchronized=True,
-                    recompute=False):
+                    recompute=False, recompute_batch_norm=True):
   """`residual_block` after `residual_block`, from their stacked weights `(v, g, bias, gamma,
   beta, moving_mean, moving_variance)` (each `[num_blocks, 2, ...]`). Returns `(y, updated)`:
   in training the updated running averages `(moving_mean, moving_variance)`, stacked like the
-  weights; in inference `()`. `recompute`: see `residual_block`."""
+  weights; in inference `()`. `recompute`, `recompute_batch_norm`: see `residual_block`."""
   updated = ()
   for block in unstack_blocks(stacked):
     x, block_updated = _block_function(synchronized, training)(
-        x, *block, training, momentum, epsilon, synchronized, recompute)
+        x, *block, training, momentum, epsilon, synchronized, recompute, recompute_batch_norm)
     updated += block_updated  # (mean1, variance1, mean2, variance2)
   if not updated:
     return x, ()
@@ -586,13 +592,15 @@ class CouplingNet(keras.layers.Layer):
   runs the network forward again (a third more compute for a fraction of the memory).
   `recompute_blocks=True` keeps half: each residual block's backward pass runs its first
   convolution again instead of keeping its output (one convolution more per block; see
-  `residual_block`).
+  `residual_block`). `recompute_batch_norm=False`: each batch norm -> ReLU -> convolution unit
+  keeps its ReLU output too, instead of running its batch norm and ReLU again in the backward
+  pass (see `bn_relu_conv`).
   `synchronized=False`: batch statistics of each replica's batch (see `BatchNormalization`).
   """
 
   def __init__(self, channels, num_filters, num_blocks, l2=0., momentum=0.9, recompute=False,
                synchronized=True, kind='resnet', num_classes=0, recompute_blocks=False,
-               **kwargs):
+               recompute_batch_norm=True, **kwargs):
     super().__init__(**kwargs)
     if kind not in ('resnet', 'glow'):
       raise ValueError(f'CouplingNet: kind must be resnet or glow, got {kind!r}.')
@@ -602,6 +610,7 @@ class CouplingNet(keras.layers.Layer):
     self.channels, self.num_filters, self.num_blocks = channels, num_filters, num_blocks
     self.l2, self.momentum, self.recompute = l2, momentum, recompute
     self.recompute_blocks = bool(recompute_blocks)
+    self.recompute_batch_norm = bool(recompute_batch_norm)
     self.synchronized, self.kind = synchronized, kind
     policy = self.dtype_policy
     self.conv_in = WeightNormConv2D(num_filters, 3, l2, dtype=policy)
@@ -654,7 +663,7 @@ class CouplingNet(keras.layers.Layer):
                [layer.weights_for_call for layer in self.hidden],
                self.norm_out.weights_for_call, conv_out, _tensors(self.scale)[0]]
     args = (bool(training), self.momentum, self.synchronized, self.variable_dtype,
-            self.recompute_blocks)
+            self.recompute_blocks, self.recompute_batch_norm)
     if training and self.recompute:
       forward = tf.recompute_grad(lambda x, *flat_weights: coupling_network(
           x, tf.nest.pack_sequence_as(weights, flat_weights), *args))
@@ -674,4 +683,5 @@ class CouplingNet(keras.layers.Layer):
             'num_blocks': self.num_blocks, 'l2': self.l2, 'momentum': self.momentum,
             'synchronized': self.synchronized, 'kind': self.kind,
             'recompute': self.recompute, 'num_classes': self.num_classes,
-            'recompute_blocks': self.recompute_blocks}
+            'recompute_blocks': self.recompute_blocks,
+            'recompute_batch_norm': self.recompute_batch_norm}
