@@ -44,28 +44,34 @@ def test_the_functions_a_training_step_calls_get_the_network_options():
 
 def test_fit_calls_the_step_with_one_round_of_graph_optimization(monkeypatch):
   model = _small_model()
-  seen = []
-  network_config = graph_options.network_config
+  entered = []  # the options each call site made on this thread gets, in order
+  function_call_config = graph_options.function_call_config
 
-  def spy(config=None):  # runs while the step is traced, inside the train function's call
-    seen.append(context.context().function_call_options.config_proto_serialized)
-    return network_config(config)
-  monkeypatch.setattr(graph_options, 'network_config', spy)
+  def spy(config):
+    entered.append(config)
+    return function_call_config(config)
+  monkeypatch.setattr(graph_options, 'function_call_config', spy)
   before = context.context().function_call_options.config_proto_serialized
   model.fit(np.full([8, 8, 8, 1], 128, np.uint8), batch_size=4, epochs=1, verbose=0)
-  assert seen, 'the step was not traced through train_step'
-  assert all(_rewrite_options(s).meta_optimizer_iterations == RewriterConfig.ONE for s in seen)
-  # its networks run as functions: the passes that change nothing in the step's graph are off
-  for serialized in seen:
-    rewrite = _rewrite_options(serialized)
-    for name in ('layout_optimizer', 'remapping', 'loop_optimization', 'function_optimization',
-                 'implementation_selector'):
-      assert getattr(rewrite, name) == RewriterConfig.OFF, name
-    assert rewrite.memory_optimization == RewriterConfig.NO_MEM_OPT
-    assert rewrite.constant_folding == RewriterConfig.DEFAULT  # those that change it are kept
-    assert rewrite.common_subgraph_elimination == RewriterConfig.DEFAULT
   # restored after the call
   assert context.context().function_call_options.config_proto_serialized == before
+  # the train function's call (the step), then train_step's, while the step is traced (once)
+  assert len(entered) == 3, entered  # (the step's, the networks', then the step's again)
+  step, networks = (config.graph_options.rewrite_options for config in entered[:2])
+  assert step.meta_optimizer_iterations == networks.meta_optimizer_iterations == RewriterConfig.ONE
+  # its networks run as functions: the passes that change nothing in the step's graph are off
+  for name in ('layout_optimizer', 'remapping', 'loop_optimization', 'function_optimization',
+               'implementation_selector'):
+    assert getattr(step, name) == RewriterConfig.OFF, name
+  assert step.memory_optimization == RewriterConfig.NO_MEM_OPT
+  assert step.constant_folding == RewriterConfig.DEFAULT  # those that change it are kept
+  assert step.common_subgraph_elimination == RewriterConfig.DEFAULT
+  # the networks get their own options, not the step's: the remapper, layout and memory
+  # optimizers on (they inherited the step's when made inside it)
+  assert networks.remapping == RewriterConfig.DEFAULT
+  assert networks.layout_optimizer == RewriterConfig.DEFAULT
+  assert networks.memory_optimization == RewriterConfig.DEFAULT_MEM_OPT
+  assert networks.constant_folding == RewriterConfig.OFF
   function = model.train_function
   assert function.light_graph_options
   assert model.make_train_function() is function  # wrapped once
@@ -83,7 +89,7 @@ def test_settings_the_user_made_are_kept():
   assert light.arithmetic_optimization == RewriterConfig.OFF  # left at its default: turned off
   step = graph_options.step_config(config_pb2.ConfigProto()).graph_options.rewrite_options
   assert step.meta_optimizer_iterations == RewriterConfig.ONE
-  assert step.constant_folding == RewriterConfig.DEFAULT  # the step keeps every pass
+  assert step.constant_folding == RewriterConfig.DEFAULT  # the passes that change it are kept
 
 
 def _convolutions_in_the_steps_own_graph(model, strategy=None):

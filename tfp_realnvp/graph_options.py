@@ -57,7 +57,7 @@ def _copy(config):
   return copy
 
 
-def _current_config():
+def current_config():
   """The options this thread's function call sites get now (TF's: the context's config, with
   soft placement unless the user set it)."""
   config = config_pb2.ConfigProto()
@@ -68,7 +68,7 @@ def _current_config():
 def _one_round(config):
   """`config` (a copy; the thread's current options when None) with one round of grappler's
   passes, unless the user chose the rounds."""
-  config = _current_config() if config is None else _copy(config)
+  config = current_config() if config is None else _copy(config)
   rewrite = config.graph_options.rewrite_options
   if rewrite.meta_optimizer_iterations == rewriter_config_pb2.RewriterConfig.DEFAULT_NUM_ITERS:
     rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE

@@ -522,9 +522,13 @@ class RealNVP(keras.Model):
     function = self.train_function
     if (graph_options.ENABLED and function is not None and
         not getattr(function, 'light_graph_options', False)):
-      # (only a function's first call reads it)
+      # Both from the options the thread has now (TF's or the user's): `train_step` runs inside
+      # the step's, which the networks' must not inherit. (Only a function's first call reads
+      # them.)
+      base = graph_options.current_config()
       config = graph_options.step_config(
-          networks_in_functions=self._networks_run_as_functions_in_training())
+          base, networks_in_functions=self._networks_run_as_functions_in_training())
+      self._network_call_config = graph_options.network_config(base)
 
       def train_function(*args, **kwargs):
         with graph_options.function_call_config(config):
@@ -547,10 +551,12 @@ class RealNVP(keras.Model):
   def train_step(self, data):
     """Keras' step; the gradient is clipped by the global norm of its sum over replicas, in the
     optimizer's all-reduce (see `compile`). The functions it calls (networks, residual blocks)
-    get `graph_options.network_config()`."""
+    get `graph_options.network_config()` of the options `fit`'s train function was made with
+    (traced on its own: of the thread's)."""
     if not graph_options.ENABLED:
       return self._train_step(data)
-    with graph_options.function_call_config(graph_options.network_config()):
+    config = getattr(self, '_network_call_config', None) or graph_options.network_config()
+    with graph_options.function_call_config(config):
       return self._train_step(data)
 
   def _train_step(self, data):
