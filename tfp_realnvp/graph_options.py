@@ -17,8 +17,10 @@ constant folding, arithmetic and dependency optimization), and its functions the
 layout optimizer (NHWC/NCHW on GPUs) and the memory optimizer alone. Where the step's own graph
 holds the networks' convolutions (`--recompute`, or batch statistics synchronized over several
 replicas), the step keeps every pass. Each figure: TF's own log (`TF_CPP_VMODULE=
-meta_optimizer=1`). Side by side (README, "Speed and memory"): the first step of the small MNIST
-model and of `cifar10` shorter, the steps the same.
+meta_optimizer=1`). Side by side (README, "Speed and memory"): the small MNIST model's first step
+about 0.5 s shorter (`cifar10`'s within the machine's noise), the steps the same. The networks'
+options are made from the thread's options outside the step (`RealNVP.make_train_function`), not
+inside it, where they would inherit the step's.
 
 A setting the user made (`tf.config.optimizer.set_experimental_options`, or a pass turned on or
 off in the context's config) is kept as made; `graph_options.ENABLED = False` (before `fit`
