@@ -85,7 +85,9 @@ def banner(model, config, data, strategy, global_batch, steps, start):
              f'{", XLA" if FLAGS.jit_compile else ""}'
              f'{", " + config.compute_dtype if config.compute_dtype else ""}'
              f'{", recompute" if config.recompute else ""}')
-  common.say(f'  {recompute_blocks_summary(model, config, strategy.num_replicas_in_sync)}')
+  replicas = strategy.num_replicas_in_sync
+  common.say(f'  {recompute_blocks_summary(model, config, replicas)}; '
+             f'{recompute_batch_norm_summary(model, config, replicas)}')
   if config.compute_dtype:
     native, why = hardware.native_precision(config.compute_dtype)
     common.say(f'  mixed precision: {why}' if native else f'  warning: {why}')
@@ -105,6 +107,20 @@ def recompute_blocks_summary(model, config, replicas):
             'every residual block keeps its activations')
   return (f'{setting}: the residual blocks of {recomputing} of {len(networks)} coupling networks '
           'recompute their first convolution in the backward pass')
+
+
+def recompute_batch_norm_summary(model, config, replicas):
+  """What `--recompute_batch_norm` does in this run, in words."""
+  networks = [layer for layer in model.flow_layers if isinstance(layer, CouplingNet)]
+  setting = f'recompute_batch_norm={config.recompute_batch_norm}'
+  if config.sync_batch_norm and replicas > 1:
+    return (f'{setting}: not applied (batch statistics synchronized over {replicas} replicas); '
+            'each batch norm -> ReLU -> convolution unit keeps only its input')
+  if all(net.recompute_batch_norm for net in networks):
+    return (f'{setting}: each batch norm -> ReLU -> convolution unit runs its batch norm and ReLU '
+            'again in the backward pass')
+  return (f'{setting}: each batch norm -> ReLU -> convolution unit keeps its ReLU output (faster, '
+          'more memory)')
 
 
 def _count(number):

@@ -261,3 +261,22 @@ def test_the_banner_says_what_recompute_blocks_does():
   mixed = RealNVP('mnist', compute_dtype='bfloat16', **small)
   assert recompute_blocks_summary(mixed, mixed.config, 1) == (
       'recompute_blocks=auto: every residual block keeps its activations')
+
+
+def test_the_banner_says_what_recompute_batch_norm_does():
+  from launch.train import recompute_batch_norm_summary
+  from tfp_realnvp import RealNVP
+  small = dict(image_shape=(8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
+  model = RealNVP('mnist', **small)
+  assert recompute_batch_norm_summary(model, model.config, 1) == (
+      'recompute_batch_norm=auto: each batch norm -> ReLU -> convolution unit runs its batch '
+      'norm and ReLU again in the backward pass')
+  assert 'not applied (batch statistics synchronized over 2 replicas)' in \
+      recompute_batch_norm_summary(model, model.config, 2)
+  mixed = RealNVP('mnist', compute_dtype='bfloat16', **small)
+  assert recompute_batch_norm_summary(mixed, mixed.config, 1) == (
+      'recompute_batch_norm=auto: each batch norm -> ReLU -> convolution unit keeps its ReLU '
+      'output (faster, more memory)')
+  forced = RealNVP('mnist', compute_dtype='bfloat16', recompute_batch_norm='on', **small)
+  assert 'runs its batch norm and ReLU again' in recompute_batch_norm_summary(
+      forced, forced.config, 1)
