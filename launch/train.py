@@ -116,6 +116,9 @@ def recompute_batch_norm_summary(model, config, replicas):
   if config.sync_batch_norm and replicas > 1:
     return (f'{setting}: not applied (batch statistics synchronized over {replicas} replicas); '
             'each batch norm -> ReLU -> convolution unit keeps only its input')
+  if config.recompute:
+    return (f'{setting}: not applied (--recompute runs each coupling network again in the '
+            'backward pass)')
   if all(net.recompute_batch_norm for net in networks):
     return (f'{setting}: each batch norm -> ReLU -> convolution unit runs its batch norm and ReLU '
             'again in the backward pass')

@@ -277,6 +277,9 @@ def test_the_banner_says_what_recompute_batch_norm_does():
   assert recompute_batch_norm_summary(mixed, mixed.config, 1) == (
       'recompute_batch_norm=auto: each batch norm -> ReLU -> convolution unit keeps its ReLU '
       'output (faster, more memory)')
+  recomputing = RealNVP('mnist', compute_dtype='bfloat16', recompute=True, **small)
+  assert 'not applied (--recompute' in recompute_batch_norm_summary(
+      recomputing, recomputing.config, 1)
   forced = RealNVP('mnist', compute_dtype='bfloat16', recompute_batch_norm='on', **small)
   assert 'runs its batch norm and ReLU again' in recompute_batch_norm_summary(
       forced, forced.config, 1)

@@ -412,9 +412,8 @@ def test_a_resumed_run_with_new_run_settings_reports_and_logs_it_all(tmp_path):
                'recompute', 'bfloat16',
                # auto: none with --recompute and under mixed precision
                'recompute_blocks=auto: every residual block keeps its activations',
-               # auto: the units keep their ReLU outputs under mixed precision
-               'recompute_batch_norm=auto: each batch norm -> ReLU -> convolution unit keeps its '
-               'ReLU output'):
+               # --recompute runs each network again: the setting does not apply
+               'recompute_batch_norm=auto: not applied (--recompute'):
     assert part in banner, (part, banner)
   assert 'step 40/60 (epoch 2/3): bits_per_dim' in second.stdout
   assert 'epoch 2/3 done at step 40' in second.stdout  # not "Epoch 2/2"
