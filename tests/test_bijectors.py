@@ -257,6 +257,53 @@ def test_batch_norm_training_gradient_is_autodiffs_through_the_statistics(dtype,
   np.testing.assert_allclose(gradient, expected, rtol=tol * 10, atol=tol * 10)
 
 
+def test_batch_norms_of_one_shape_share_one_trace_in_training():
+  # Each batch norm traced into a training step's graph was some 60 ops with its gradient; one
+  # shared function per shape keeps the graph (and the first step) small.
+  from tfp_realnvp.bijectors import batch_norm
+  shape = (3, 5, 2)  # a shape no other test traces
+  first, second = (BatchNorm(BatchStatistics(momentum=0.5), shape) for _ in range(2))
+  x = 3. + 2. * _normal([8, *shape], tf.float32)
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y, log_det = first.forward_and_log_det(x, training=True)
+      z, second_log_det = second.forward_and_log_det(2. * y + 1., training=True)
+      loss = tf.reduce_sum(z * z) + tf.reduce_sum(log_det + second_log_det)
+    return tape.gradient(loss, x)
+  before = batch_norm._normalize_traced.experimental_get_tracing_count()
+  graph = step.get_concrete_function(x).graph
+  assert batch_norm._normalize_traced.experimental_get_tracing_count() == before + 1
+  # The statistics are computed in the shared function, not in the step's graph.
+  assert not [op.type for op in graph.get_operations()
+              if op.type in ('Square', 'RealDiv', 'StopGradient')]
+  step(x)
+  for norm in (first, second):  # the running averages are updated
+    assert (norm.keras_layers[0].moving_mean.numpy() != 0.).all()
+
+
+def test_batch_norm_training_with_an_unknown_batch_size_matches_a_known_one():
+  # With the batch size known while tracing, the count of values is a Python number (no ops).
+  x = 3. + 2. * _normal([8, *SHAPE], tf.float32)
+  results = []
+  for signature in ([8, *SHAPE], [None, *SHAPE]):
+    norm = BatchNorm(BatchStatistics(momentum=0.5), SHAPE)
+
+    @tf.function(input_signature=[tf.TensorSpec(signature, tf.float32)])
+    def run(x, norm=norm):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y, log_det = norm.forward_and_log_det(x, training=True)
+        loss = tf.reduce_sum(tf.sin(y)) + tf.reduce_sum(log_det)
+      return y, log_det, tape.gradient(loss, x)
+    stats = norm.keras_layers[0]
+    results.append([*run(tf.identity(x)), stats.moving_mean, stats.moving_variance])
+  for known, unknown in zip(*results):
+    np.testing.assert_array_equal(known, unknown)
+
+
 def test_synchronized_batch_norm_gradient_on_two_replicas_is_the_whole_batchs():
   # Each replica's loss is its half's; their gradients are the whole batch's on one device,
   # with 3 collectives per replica (the sums with the count, the deviations, and one backward).

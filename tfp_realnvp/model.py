@@ -10,6 +10,7 @@ import tensorflow_probability as tfp
 
 from tfp_realnvp import graph_options, optimizers, presets
 from tfp_realnvp.bijectors.actnorm import ActNorm, ActNormParameters, data_dependent_init
+from tfp_realnvp.bijectors.base import batch_shape
 from tfp_realnvp.bijectors.batch_norm import BatchStatistics
 from tfp_realnvp.bijectors.invertible_conv import Invertible1x1Conv, LUWeights
 from tfp_realnvp.bijectors.multiscale import latent_groups, multiscale_flow
@@ -571,7 +572,7 @@ class RealNVP(keras.Model):
     # One all-reduce per step: the optimizer's, which also clips (`compile`).
     self.optimizer.apply_gradients(zip(tape.gradient(scaled_loss, variables), variables))
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    self._loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(images)[0])
+    self._loss_tracker.update_state(loss * replicas, sample_weight=batch_shape(images)[0])
     return _for_keras_reduction(self.compute_metrics(images, None, bits))
 
   def _images_and_labels(self, data, what):
@@ -594,7 +595,7 @@ class RealNVP(keras.Model):
     bits = self(images, labels=labels, training=False)
     loss = self.compute_loss(x=images, y_pred=bits, training=False)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    self._loss_tracker.update_state(loss * replicas, sample_weight=tf.shape(images)[0])
+    self._loss_tracker.update_state(loss * replicas, sample_weight=batch_shape(images)[0])
     return _for_keras_reduction(self.compute_metrics(images, None, bits))
 
   @tf.autograph.experimental.do_not_convert

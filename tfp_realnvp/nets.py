@@ -56,7 +56,8 @@ def batch_norm(x, gamma, beta, moving_mean, moving_variance, training, momentum,
   mean, variance, count = synchronized_moments(tf.cast(x, gamma.dtype), with_count=True,
                                                 synchronized=synchronized)
   # The unbiased variance is undefined for one value: keep the biased one (0) there.
-  unbiased = variance * count / tf.maximum(count - 1., 1.)
+  unbiased = variance * count / (max(count - 1., 1.) if isinstance(count, float) else
+                                 tf.maximum(count - 1., 1.))
   return normalize(mean, variance), tuple(
       moving_average(m, batch, momentum, count) for m, batch in
       ((moving_mean, mean), (moving_variance, unbiased)))

@@ -57,9 +57,10 @@ class AffineCoupling(FlowBijector):
       raise ValueError(f'{name}: the mask must broadcast to the event shape '
                        f'{list(self.event_shape_in)}, got a mask of shape {list(mask.shape)}.')
     self._mask = tf.constant(mask, dtype=self.dtype)
+    self._complement = tf.constant(1. - mask, dtype=self.dtype)  # 1 - b
     # The network's extra input channel: the checkerboard itself, or ones for channel masks
     # (which mark where the image ends under the convolutions' zero padding).
-    self._mask_channel = tf.reduce_max(self._mask, axis=-1, keepdims=True)
+    self._mask_channel = mask.max(axis=-1, keepdims=True).astype(self.dtype.as_numpy_dtype)
     self._network = network
 
   @property
@@ -77,13 +78,14 @@ class AffineCoupling(FlowBijector):
 
   def _shift_and_log_scale(self, x, training, labels):
     b = self._mask
-    mask_channel = tf.broadcast_to(self._mask_channel, tf.concat([tf.shape(x)[:3], [1]], axis=0))
-    inputs = tf.concat([b * x, mask_channel], axis=-1)
+    shape = (x.shape[:3].as_list() + [1] if x.shape[:3].is_fully_defined() else
+             tf.concat([tf.shape(x)[:3], [1]], axis=0))  # (static: no ops for it in the graph)
+    inputs = tf.concat([b * x, tf.broadcast_to(self._mask_channel, shape)], axis=-1)
     if labels is None:
       s, t = self._network(inputs, training=training)
     else:  # a class-conditional network: (s, t) = network(b * x, y)
       s, t = self._network(inputs, labels=labels, training=training)
-    return (1. - b) * s, (1. - b) * t
+    return self._complement * s, self._complement * t
 
   def _forward_and_log_det(self, x, training, labels=None):
     s, t = self._shift_and_log_scale(x, training, labels)

@@ -286,11 +286,22 @@ class FlowBijector(tfb.Bijector):
     return tf.concat([shape[:-3], tf.constant(event_out, tf.int32)], axis=0)
 
 
+def batch_shape(x):
+  """`[N]` of `x` `[N, ...]`: a Python list when the batch size is known while tracing (no ops
+  in the graph), else a tensor."""
+  return x.shape[:1].as_list() if x.shape[:1].is_fully_defined() else tf.shape(x)[:1]
+
+
+def zero_log_det(x):
+  """The log-det `[N]` of a volume-preserving map on `x` `[N, ...]`: zeros."""
+  return tf.zeros(batch_shape(x), x.dtype)
+
+
 def per_pixel_log_det(event_shape, log_scales, x):
   """The log-det of a map that scales each channel alike at every pixel, `[N]` for `x`
   `[N, H, W, C]`: `H * W * sum_c log_scales_c` per example."""
   height, width, _ = event_shape
-  return tf.fill(tf.shape(x)[:1], height * width * tf.reduce_sum(log_scales))
+  return tf.fill(batch_shape(x), height * width * tf.reduce_sum(log_scales))
 
 
 def sum_event(x):
@@ -330,18 +341,18 @@ class Sequential(FlowBijector):
   _takes_labels = True
 
   def _forward_and_log_det(self, x, training, labels=None):
-    total = tf.zeros(tf.shape(x)[:1], x.dtype)
+    log_dets = []
     for b in self._bijectors:
       x, log_det = b.forward_and_log_det(x, training, labels)
-      total += log_det
-    return x, total
+      log_dets.append(log_det)
+    return x, tf.add_n(log_dets)  # one op (a running sum was one per part)
 
   def _inverse_and_log_det(self, y, training, labels=None):
-    total = tf.zeros(tf.shape(y)[:1], y.dtype)
+    log_dets = []
     for b in reversed(self._bijectors):
       y, log_det = b.inverse_and_log_det(y, training, labels)
-      total += log_det
-    return y, total
+      log_dets.append(log_det)
+    return y, tf.add_n(log_dets)
 
 
 class Inverted(FlowBijector):

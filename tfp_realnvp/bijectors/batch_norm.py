@@ -27,10 +27,15 @@ class BatchStatistics(keras.layers.Layer):
                                            name='moving_variance', aggregation='mean',
                                            autocast=False)
 
-  def call(self, x, training=False, with_count=False):
+  def call(self, x, training=False, with_count=False, normalize_epsilon=None):
     """`(mean, variance)`: the batch's in training (updating the running averages), else the
     running averages; with `with_count` in training, also the number of values per channel (over
-    every replica's batch when synchronized)."""
+    every replica's batch when synchronized).
+
+    With `normalize_epsilon` in training: `normalize_by_batch(x, <the batch's statistics>,
+    normalize_epsilon)`, `(y, log_std)`, updating the running averages."""
+    if training and normalize_epsilon is not None:
+      return self._normalize(x, normalize_epsilon)
     if not training:
       return self.moving_mean, self.moving_variance
     mean, variance, count = synchronized_moments(x, with_count=True,
@@ -39,8 +44,41 @@ class BatchStatistics(keras.layers.Layer):
       moving.assign(moving_average(moving, batch, self.momentum, count))
     return (mean, variance, count) if with_count else (mean, variance)
 
+  def _normalize(self, x, epsilon):
+    if self.synchronized and not one_replica():  # collective ops: not in a nested function
+      mean, variance, count = self(x, training=True, with_count=True)
+      return normalize_by_batch(x, *(tf.cast(t, x.dtype) for t in (mean, variance, count)),
+                                epsilon, synchronized=True)
+    y, log_std, *updated = _normalize_traced(x, tf.convert_to_tensor(self.moving_mean),
+                                             tf.convert_to_tensor(self.moving_variance),
+                                             self.momentum, epsilon)
+    for moving, bits in zip((self.moving_mean, self.moving_variance), updated):
+      moving.assign(tf.bitcast(bits, moving.dtype))
+    return y, log_std
+
   def get_config(self):
     return {**super().get_config(), 'momentum': self.momentum, 'synchronized': self.synchronized}
+
+
+def _normalize_with_updates_as_bits(x, moving_mean, moving_variance, momentum, epsilon):
+  """`BatchStatistics(x, training=True, normalize_epsilon=epsilon)` on this replica's batch
+  with no side effects: `(y, log_std, *updated running averages as bits)`."""
+  mean, variance, count = synchronized_moments(x, with_count=True, synchronized=False)
+  updated = tuple(moving_average(m, batch, momentum, count)
+                  for m, batch in ((moving_mean, mean), (moving_variance, variance)))
+  y, log_std = normalize_by_batch(x, *(tf.cast(t, x.dtype) for t in (mean, variance, count)),
+                                  epsilon, synchronized=False)
+  return (y, log_std, *(tf.bitcast(u, {2: tf.int16, 4: tf.int32, 8: tf.int64}[u.dtype.size])
+                        for u in updated))
+
+
+# In training, one traced function per shape serves every batch norm of that shape (the flow of
+# the small MNIST model has 16 in 5 shapes): tracing each copy in the step's graph (some 60 ops
+# with its gradient) was a tenth of that graph, and the graph's size is most of the first step.
+# The running averages leave as bits (integers), for the reasons of
+# `nets._residual_block_traced`.
+_normalize_traced = tf.function(_normalize_with_updates_as_bits, autograph=False,
+                                experimental_attributes={'_noinline': True})
 
 
 def moving_average(moving, batch, momentum, count):
@@ -49,7 +87,8 @@ def moving_average(moving, batch, momentum, count):
   moving = tf.convert_to_tensor(moving)
   batch = tf.stop_gradient(tf.cast(batch, moving.dtype))
   # No select: the weight of the batch is 0 for an empty batch (whose statistics are 0, finite).
-  weight = (1. - momentum) * tf.minimum(tf.cast(count, moving.dtype), 1.)
+  weight = ((1. - momentum) * min(count, 1.) if isinstance(count, (int, float)) else
+            (1. - momentum) * tf.minimum(tf.cast(count, moving.dtype), 1.))
   return moving + weight * (batch - moving)
 
 
@@ -62,7 +101,8 @@ def one_replica():
 def synchronized_moments(x, with_count=False, synchronized=True):
   """Per-channel mean and variance of `[N, H, W, C]` over every replica's batch, in two passes
   (E[x^2] - E[x]^2 cancels badly in float32 when the mean is large); with `with_count`, also the
-  number of values per channel. An empty batch gives zeros. `synchronized=False`: this replica's
+  number of values per channel (a Python float when the batch's shape is known while tracing and
+  the statistics are local). An empty batch gives zeros. `synchronized=False`: this replica's
   batch alone.
 
   Across replicas, two all-reduces forward (the sums with the count, then the squared
@@ -71,12 +111,15 @@ def synchronized_moments(x, with_count=False, synchronized=True):
   """
   context = tf.distribute.get_replica_context()
   local = not synchronized or one_replica()
-  count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
+  if local and x.shape[:3].is_fully_defined():  # a Python number: no ops for it in the graph
+    count = float(x.shape[:3].num_elements())
+  else:
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
   sums = tf.reduce_sum(x, axis=[0, 1, 2])
   if not local:  # the count travels with the sums: one all-reduce
     packed = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat([sums, count[None]], 0))
     sums, count = packed[:-1], tf.stop_gradient(packed[-1])
-  divisor = tf.maximum(count, 1.)
+  divisor = max(count, 1.) if isinstance(count, float) else tf.maximum(count, 1.)
   mean = sums / divisor
   squares = tf.reduce_sum(tf.square(x - mean), axis=[0, 1, 2])
   if not local:
@@ -146,9 +189,7 @@ class BatchNorm(FlowBijector):
 
   def _forward_and_log_det(self, x, training):
     if training:  # the batch's statistics, their gradient in one pass (`normalize_by_batch`)
-      mean, variance, count = self._statistics(x, training=True, with_count=True)
-      y, log_std = normalize_by_batch(x, *(tf.cast(t, x.dtype) for t in (mean, variance, count)),
-                                      self._epsilon, self._statistics.synchronized)
+      y, log_std = self._statistics(x, training=True, normalize_epsilon=self._epsilon)
       return y, per_pixel_log_det(self.event_shape_in, -log_std, x)
     mean, log_std = self._log_std(x, training)
     return ((x - tf.cast(mean, x.dtype)) * tf.exp(-log_std),

@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tfp_realnvp.bijectors.base import FlowBijector
+from tfp_realnvp.bijectors.base import FlowBijector, zero_log_det
 
 
 class Squeeze(FlowBijector):
@@ -32,7 +32,7 @@ class Squeeze(FlowBijector):
     return (height // 2, width // 2, 4 * channels)
 
   def _forward_and_log_det(self, x, training):
-    return tf.nn.space_to_depth(x, 2), tf.zeros(tf.shape(x)[:1], x.dtype)
+    return tf.nn.space_to_depth(x, 2), zero_log_det(x)
 
   def _inverse_and_log_det(self, y, training):
-    return tf.nn.depth_to_space(y, 2), tf.zeros(tf.shape(y)[:1], y.dtype)
+    return tf.nn.depth_to_space(y, 2), zero_log_det(y)
