@@ -1,5 +1,6 @@
 """The training step's lighter graph optimization (`tfp_realnvp.graph_options`)."""
 
+import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
@@ -167,3 +168,34 @@ def test_a_training_step_with_a_known_batch_size_computes_no_shapes():
   shape_ops = [op.name for op in graph.get_operations()
                if op.type in ('Shape', 'StridedSlice', 'Prod', 'BroadcastArgs')]
   assert not shape_ops, shape_ops
+
+
+def test_fit_traces_the_step_into_the_function_that_reads_the_iterator():
+  # Keras traces the step into a function of its own, called by the one that reads the
+  # iterator, which captured every variable and optimizer slot a second time.
+  model = _small_model()
+  images = np.full([8, 8, 8, 1], 128, np.uint8)
+  dataset = tf.data.Dataset.from_tensor_slices(images).batch(4, drop_remainder=True)
+  model.fit(dataset, epochs=1, verbose=0)
+  traced = model.train_function.traced
+  assert traced.experimental_get_tracing_count() == 1
+  graph = traced.get_concrete_function(iter(dataset)).graph
+  # the step (here: its updates) is in this graph itself, not in a function it calls
+  assert sum(op.type == 'ResourceApplyAdam' for op in graph.get_operations()) == len(
+      model.trainable_variables)
+
+
+def test_the_single_function_trains_as_keras_own():
+  # Keras' own (nested) function runs with steps_per_execution > 1: the same two steps.
+  images = np.random.default_rng(0).integers(0, 256, [8, 8, 8, 1]).astype(np.uint8)
+  dataset = tf.data.Dataset.from_tensor_slices(images).batch(4, drop_remainder=True)
+  weights = []
+  for steps_per_execution in (1, 2):
+    keras.utils.set_random_seed(7)
+    model = RealNVP('mnist', image_shape=(8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
+    model.compile(steps_per_execution=steps_per_execution)
+    model.fit(dataset, epochs=1, verbose=0)
+    assert (model.train_function.traced is not None) == (steps_per_execution == 1)
+    weights.append([v.numpy() for v in model.variables])
+  for ours, keras_own in zip(*weights):
+    np.testing.assert_allclose(ours, keras_own, rtol=1e-5, atol=1e-6)
