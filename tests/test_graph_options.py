@@ -33,17 +33,37 @@ def test_the_functions_a_training_step_calls_get_the_network_options():
   # the shared networks, forward and backward
   assert any('network' in n and 'backward' in n for n in names), names
   assert any('network' in n and 'backward' not in n for n in names), names
+  gpu = graph_options.gpus_visible()
   for op in calls:
     rewrite = _rewrite_options(op.get_attr('config_proto'))
     assert rewrite.meta_optimizer_iterations == RewriterConfig.ONE, op.name
     assert rewrite.constant_folding == RewriterConfig.OFF, op.name
     assert rewrite.arithmetic_optimization == RewriterConfig.OFF, op.name
-    assert rewrite.remapping == RewriterConfig.DEFAULT, op.name  # fuses a convolution with its bias
-    assert rewrite.layout_optimizer == RewriterConfig.DEFAULT, op.name
+    # on a GPU the remapper fuses a convolution with its bias and the layout optimizer may pick
+    # NCHW; on CPUs neither changes a node
+    expected = RewriterConfig.DEFAULT if gpu else RewriterConfig.OFF
+    assert rewrite.remapping == expected, op.name
+    assert rewrite.layout_optimizer == expected, op.name
     assert not rewrite.disable_meta_optimizer, op.name
 
 
+def test_the_networks_keep_the_gpu_passes_only_where_there_is_a_gpu():
+  default = config_pb2.ConfigProto()
+  on_gpu = graph_options.network_config(default, gpu=True).graph_options.rewrite_options
+  assert on_gpu.remapping == on_gpu.layout_optimizer == RewriterConfig.DEFAULT
+  assert on_gpu.memory_optimization == RewriterConfig.DEFAULT_MEM_OPT
+  on_cpu = graph_options.network_config(default, gpu=False).graph_options.rewrite_options
+  assert on_cpu.remapping == on_cpu.layout_optimizer == RewriterConfig.OFF
+  assert on_cpu.memory_optimization == RewriterConfig.NO_MEM_OPT
+  mine = config_pb2.ConfigProto()
+  mine.graph_options.rewrite_options.remapping = RewriterConfig.ON
+  mine = graph_options.network_config(mine, gpu=False).graph_options.rewrite_options
+  assert mine.remapping == RewriterConfig.ON  # a setting the user made is kept
+
+
 def test_fit_calls_the_step_with_one_round_of_graph_optimization(monkeypatch):
+  # as on a machine with a GPU, where the networks keep passes that the step turns off
+  monkeypatch.setattr(graph_options, 'gpus_visible', lambda: True)
   model = _small_model()
   entered = []  # the options each call site made on this thread gets, in order
   function_call_config = graph_options.function_call_config
@@ -65,8 +85,9 @@ def test_fit_calls_the_step_with_one_round_of_graph_optimization(monkeypatch):
                'implementation_selector'):
     assert getattr(step, name) == RewriterConfig.OFF, name
   assert step.memory_optimization == RewriterConfig.NO_MEM_OPT
-  assert step.constant_folding == RewriterConfig.DEFAULT  # those that change it are kept
-  assert step.common_subgraph_elimination == RewriterConfig.DEFAULT
+  assert step.constant_folding == RewriterConfig.OFF  # (it changed little)
+  assert step.common_subgraph_elimination == RewriterConfig.DEFAULT  # those that change it
+  assert step.arithmetic_optimization == RewriterConfig.DEFAULT  # are kept
   # the networks get their own options, not the step's: the remapper, layout and memory
   # optimizers on (they inherited the step's when made inside it)
   assert networks.remapping == RewriterConfig.DEFAULT
@@ -90,7 +111,10 @@ def test_settings_the_user_made_are_kept():
   assert light.arithmetic_optimization == RewriterConfig.OFF  # left at its default: turned off
   step = graph_options.step_config(config_pb2.ConfigProto()).graph_options.rewrite_options
   assert step.meta_optimizer_iterations == RewriterConfig.ONE
-  assert step.constant_folding == RewriterConfig.DEFAULT  # the passes that change it are kept
+  assert step.arithmetic_optimization == RewriterConfig.DEFAULT  # the passes that change it are
+  assert step.dependency_optimization == RewriterConfig.DEFAULT  # kept
+  mine = graph_options.step_config(config).graph_options.rewrite_options
+  assert mine.constant_folding == RewriterConfig.ON  # as the user set it
 
 
 def _convolutions_in_the_steps_own_graph(model, strategy=None):
@@ -151,11 +175,13 @@ def test_the_step_config_turns_off_only_passes_left_at_their_defaults():
   full = graph_options.step_config(config_pb2.ConfigProto(), networks_in_functions=False)
   rewrite = full.graph_options.rewrite_options
   assert rewrite.layout_optimizer == RewriterConfig.DEFAULT
+  assert rewrite.constant_folding == RewriterConfig.DEFAULT
   assert rewrite.memory_optimization == RewriterConfig.DEFAULT_MEM_OPT
   assert rewrite.meta_optimizer_iterations == RewriterConfig.ONE
-  # the networks keep the memory optimizer
-  network = graph_options.network_config(config_pb2.ConfigProto()).graph_options.rewrite_options
-  assert network.memory_optimization == RewriterConfig.DEFAULT_MEM_OPT
+  # the networks keep the memory optimizer on a GPU
+  network = graph_options.network_config(config_pb2.ConfigProto(), gpu=True)
+  assert network.graph_options.rewrite_options.memory_optimization == \
+      RewriterConfig.DEFAULT_MEM_OPT
 
 
 def test_a_training_step_with_a_known_batch_size_computes_no_shapes():

@@ -13,8 +13,11 @@ shape, and their backward passes), and optimizing them was about a quarter of th
 - each network and block function: of grappler's passes only the remapper changed a node (it
   fuses a convolution with its bias); the others took about 50 ms per function.
 So the step runs one round of the passes that change it (pruning, common subexpressions,
-constant folding, arithmetic and dependency optimization), and its functions the remapper, the
-layout optimizer (NHWC/NCHW on GPUs) and the memory optimizer alone. Where the step's own graph
+arithmetic and dependency optimization; constant folding only where its own graph holds the
+networks), and its functions the remapper, the layout optimizer (NHWC/NCHW on GPUs) and the
+memory optimizer alone, on a machine with a GPU; on CPUs none of those three (TF's log: the
+remapper fused a convolution with its bias, which oneDNN's own rewrite of the graph does there
+anyway, and the others changed no node), which took about 20 ms per backward network function. Where the step's own graph
 holds the networks' convolutions (`--recompute`, or batch statistics synchronized over several
 replicas), the step keeps every pass. Each figure: TF's own log (`TF_CPP_VMODULE=
 meta_optimizer=1`). Side by side (README, "Speed and memory"): the small MNIST model's first step
@@ -33,6 +36,7 @@ sets the current thread's `context.function_call_options` (TF's own mechanism, u
 
 import contextlib
 
+import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2
 from tensorflow.core.protobuf import rewriter_config_pb2
 from tensorflow.python.eager import context
@@ -47,10 +51,16 @@ _UNUSED_IN_NETWORKS = ('constant_folding', 'arithmetic_optimization', 'loop_opti
                        'dependency_optimization', 'function_optimization',
                        'common_subgraph_elimination', 'shape_optimization',
                        'implementation_selector', 'pin_to_host_optimization', 'debug_stripper')
+# Those that change no node of them on CPUs (TF's log: the remapper fuses a convolution with its
+# bias, which oneDNN's own rewrite of the graph does there anyway; with the memory optimizer).
+_GPU_ONLY_IN_NETWORKS = ('layout_optimizer', 'remapping')
 # Those that changed nothing in the step's own graph where its networks run as functions (TF's
 # log; with the memory optimizer, whose setting has a type of its own).
 _UNUSED_IN_STEP = ('layout_optimizer', 'remapping', 'loop_optimization', 'function_optimization',
                    'implementation_selector')
+# And one that changes little there: constant folding removed 13 to 28 of 2,000 to 3,700 nodes
+# (`cifar10`, the small MNIST model) in 40 to 110 ms (the flow's shapes are constants already).
+_MINOR_IN_STEP = ('constant_folding',)
 
 
 def _copy(config):
@@ -93,18 +103,27 @@ def step_config(config=None, networks_in_functions=True):
   """The options for the training step's own graph: one round of grappler's passes, unless the
   user chose the rounds; with `networks_in_functions` (the step calls its networks as functions,
   so its own graph holds none of their convolutions), without the passes that changed nothing
-  there (`_UNUSED_IN_STEP`, the memory optimizer)."""
+  there (`_UNUSED_IN_STEP`, the memory optimizer) or little (`_MINOR_IN_STEP`)."""
   config = _one_round(config)
   if networks_in_functions:
-    _turn_off(config, _UNUSED_IN_STEP)
+    _turn_off(config, _UNUSED_IN_STEP + _MINOR_IN_STEP)
   return config
 
 
-def network_config(config=None):
+def gpus_visible():
+  """Whether TF sees a GPU (where the networks may run)."""
+  return bool(tf.config.list_logical_devices('GPU'))
+
+
+def network_config(config=None, gpu=None):
   """The options for the functions the step calls (networks, residual blocks, their backward
   passes): one round, and of the passes the user left at their defaults, the remapper, the
-  layout and the memory optimizers only."""
-  return _turn_off(_one_round(config), _UNUSED_IN_NETWORKS, memory=False)
+  layout and the memory optimizers only; with no GPU (`gpu=None`: none visible), none of those
+  either (`_GPU_ONLY_IN_NETWORKS`)."""
+  config = _turn_off(_one_round(config), _UNUSED_IN_NETWORKS, memory=False)
+  if not (gpus_visible() if gpu is None else gpu):
+    _turn_off(config, _GPU_ONLY_IN_NETWORKS)
+  return config
 
 
 @contextlib.contextmanager
