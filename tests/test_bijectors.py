@@ -272,16 +272,20 @@ def test_batch_norms_of_one_shape_share_one_trace_in_training():
       y, log_det = first.forward_and_log_det(x, training=True)
       z, second_log_det = second.forward_and_log_det(2. * y + 1., training=True)
       loss = tf.reduce_sum(z * z) + tf.reduce_sum(log_det + second_log_det)
-    return tape.gradient(loss, x)
+    return y, tape.gradient(loss, x)
   before = batch_norm._normalize_traced.experimental_get_tracing_count()
   graph = step.get_concrete_function(x).graph
   assert batch_norm._normalize_traced.experimental_get_tracing_count() == before + 1
   # The statistics are computed in the shared function, not in the step's graph.
   assert not [op.type for op in graph.get_operations()
               if op.type in ('Square', 'RealDiv', 'StopGradient')]
-  step(x)
-  for norm in (first, second):  # the running averages are updated
-    assert (norm.keras_layers[0].moving_mean.numpy() != 0.).all()
+  y, _ = step(x)
+  # each norm's running averages moved half way (momentum 0.5) to its own batch's statistics
+  for norm, inputs in ((first, x.numpy()), (second, 2. * y.numpy() + 1.)):
+    stats = norm.keras_layers[0]
+    np.testing.assert_allclose(stats.moving_mean, 0.5 * inputs.mean((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(stats.moving_variance, 0.5 + 0.5 * inputs.var((0, 1, 2)),
+                               rtol=1e-5)
 
 
 def test_batch_norm_training_with_an_unknown_batch_size_matches_a_known_one():

@@ -61,6 +61,14 @@ def test_the_networks_keep_the_gpu_passes_only_where_there_is_a_gpu():
   assert mine.remapping == RewriterConfig.ON  # a setting the user made is kept
 
 
+def test_without_onednn_the_networks_keep_the_remapper_on_cpus(monkeypatch):
+  # Without oneDNN's graph rewrite (other builds, TF_ENABLE_ONEDNN_OPTS=0) only the remapper
+  # fuses a convolution with its bias.
+  monkeypatch.setattr(graph_options, 'onednn_enabled', lambda: False)
+  rewrite = graph_options.network_config(config_pb2.ConfigProto(), gpu=False)
+  assert rewrite.graph_options.rewrite_options.remapping == RewriterConfig.DEFAULT
+
+
 def test_fit_calls_the_step_with_one_round_of_graph_optimization(monkeypatch):
   # as on a machine with a GPU, where the networks keep passes that the step turns off
   monkeypatch.setattr(graph_options, 'gpus_visible', lambda: True)
@@ -225,3 +233,15 @@ def test_the_single_function_trains_as_keras_own():
     weights.append([v.numpy() for v in model.variables])
   for ours, keras_own in zip(*weights):
     np.testing.assert_allclose(ours, keras_own, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_runs_through_the_single_function_and_run_eagerly_through_keras():
+  images = np.random.default_rng(1).integers(0, 256, [8, 8, 8, 1]).astype(np.uint8)
+  dataset = tf.data.Dataset.from_tensor_slices(images).batch(4, drop_remainder=True)
+  for run_eagerly in (False, True):
+    model = _small_model()
+    model.compile(run_eagerly=run_eagerly)
+    loss = model.evaluate(dataset, verbose=0, return_dict=True)['loss']
+    assert np.isfinite(loss) and loss > 0.
+    # (Keras' test function is not wrapped: `traced` is on the function itself)
+    assert (getattr(model.test_function, 'traced', None) is not None) == (not run_eagerly)

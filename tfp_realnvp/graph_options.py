@@ -15,9 +15,10 @@ shape, and their backward passes), and optimizing them was about a quarter of th
 So the step runs one round of the passes that change it (pruning, common subexpressions,
 arithmetic and dependency optimization; constant folding only where its own graph holds the
 networks), and its functions the remapper, the layout optimizer (NHWC/NCHW on GPUs) and the
-memory optimizer alone, on a machine with a GPU; on CPUs none of those three (TF's log: the
-remapper fused a convolution with its bias, which oneDNN's own rewrite of the graph does there
-anyway, and the others changed no node), which took about 20 ms per backward network function. Where the step's own graph
+memory optimizer alone, on a machine with a GPU; on CPUs with oneDNN none of those three (TF's
+log: the remapper fused a convolution with its bias, which oneDNN's own rewrite of the graph does
+anyway, and the others changed no node; the three took about 20 ms per backward network
+function). Where the step's own graph
 holds the networks' convolutions (`--recompute`, or batch statistics synchronized over several
 replicas), the step keeps every pass. Each figure: TF's own log (`TF_CPP_VMODULE=
 meta_optimizer=1`). Side by side (README, "Speed and memory"): the small MNIST model's first step
@@ -40,6 +41,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2
 from tensorflow.core.protobuf import rewriter_config_pb2
 from tensorflow.python.eager import context
+from tensorflow.python.util import _pywrap_util_port
 
 ENABLED = True  # False: TF's own options for the step and its functions
 
@@ -51,15 +53,16 @@ _UNUSED_IN_NETWORKS = ('constant_folding', 'arithmetic_optimization', 'loop_opti
                        'dependency_optimization', 'function_optimization',
                        'common_subgraph_elimination', 'shape_optimization',
                        'implementation_selector', 'pin_to_host_optimization', 'debug_stripper')
-# Those that change no node of them on CPUs (TF's log: the remapper fuses a convolution with its
-# bias, which oneDNN's own rewrite of the graph does there anyway; with the memory optimizer).
+# Those not needed in them on CPUs with oneDNN (TF's log: the layout and memory optimizers changed
+# no node, the remapper fused each convolution with its bias, which oneDNN's own rewrite of the
+# graph does anyway; the three took about 20 ms per backward network function at `cifar10`).
 _GPU_ONLY_IN_NETWORKS = ('layout_optimizer', 'remapping')
 # Those that changed nothing in the step's own graph where its networks run as functions (TF's
 # log; with the memory optimizer, whose setting has a type of its own).
 _UNUSED_IN_STEP = ('layout_optimizer', 'remapping', 'loop_optimization', 'function_optimization',
                    'implementation_selector')
 # And one that changes little there: constant folding removed 13 to 28 of 2,000 to 3,700 nodes
-# (`cifar10`, the small MNIST model) in 40 to 110 ms (the flow's shapes are constants already).
+# (`cifar10`, the small MNIST model, batch size known while tracing) in 40 to 110 ms.
 _MINOR_IN_STEP = ('constant_folding',)
 
 
@@ -115,13 +118,19 @@ def gpus_visible():
   return bool(tf.config.list_logical_devices('GPU'))
 
 
+def onednn_enabled():
+  """Whether TF's CPU kernels are oneDNN's (its graph rewrite fuses a convolution with its
+  bias); not on builds without it or with `TF_ENABLE_ONEDNN_OPTS=0`."""
+  return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def network_config(config=None, gpu=None):
   """The options for the functions the step calls (networks, residual blocks, their backward
   passes): one round, and of the passes the user left at their defaults, the remapper, the
-  layout and the memory optimizers only; with no GPU (`gpu=None`: none visible), none of those
-  either (`_GPU_ONLY_IN_NETWORKS`)."""
+  layout and the memory optimizers only; on CPUs with oneDNN and no GPU (`gpu=None`: none
+  visible), none of those either (`_GPU_ONLY_IN_NETWORKS`)."""
   config = _turn_off(_one_round(config), _UNUSED_IN_NETWORKS, memory=False)
-  if not (gpus_visible() if gpu is None else gpu):
+  if not (gpus_visible() if gpu is None else gpu) and onednn_enabled():
     _turn_off(config, _GPU_ONLY_IN_NETWORKS)
   return config
 

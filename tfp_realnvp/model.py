@@ -544,11 +544,13 @@ class RealNVP(keras.Model):
     """Keras' train and test functions, with the step traced into the function that reads the
     iterator (one `tf.function`) where Keras nests it in a second one: the inner function's
     captures (each variable and optimizer slot) were captured again by the outer, about a tenth
-    of the small MNIST model's first step. Keras' own with `run_eagerly` or
-    `steps_per_execution` > 1 (its loop over steps), or when called with data, not an iterator.
+    of the small MNIST model's first step. Keras' own with `run_eagerly`, `jit_compile` (set
+    after `compile`) or `steps_per_execution` > 1 (its loop over steps), when called with data,
+    not an iterator, or if Keras' internals it uses have moved.
     (`compile` keeps Keras' `jit_compile` off: XLA compiles the flow inside the step.)"""
     keras_function = super()._make_function(step_function)
-    if self.run_eagerly or self.steps_per_execution != 1:
+    if (self.run_eagerly or self.jit_compile or self.steps_per_execution != 1 or
+        not hasattr(keras_tf_trainer, 'reduce_per_replica')):
       return keras_function
     strategy = self.distribute_strategy
 

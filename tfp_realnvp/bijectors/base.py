@@ -214,16 +214,16 @@ class FlowBijector(tfb.Bijector):
       labels = tf.cast(labels, tf.int32)
       if not (x.shape.rank == 4 and labels.shape.rank == 1 and
               labels.shape.is_compatible_with(x.shape[:1])):  # labels broadcast to x's batch
-        batch_shape = tf.broadcast_dynamic_shape(tf.shape(x)[:-3], tf.shape(labels))
-        x = tf.broadcast_to(x, tf.concat([batch_shape, x.shape[-3:].as_list()], axis=0))
-        labels = tf.reshape(tf.broadcast_to(labels, batch_shape), [-1])
+        both = tf.broadcast_dynamic_shape(tf.shape(x)[:-3], tf.shape(labels))
+        x = tf.broadcast_to(x, tf.concat([both, x.shape[-3:].as_list()], axis=0))
+        labels = tf.reshape(tf.broadcast_to(labels, both), [-1])
       call = lambda x: fn(x, training, labels)  # pylint: disable=unnecessary-lambda-assignment
     if x.shape.rank == 4:
       return call(x)
-    batch_shape = tf.shape(x)[:-3]
+    leading = tf.shape(x)[:-3]
     y, log_det = call(tf.reshape(x, [-1] + x.shape[-3:].as_list()))
-    y = tf.reshape(y, tf.concat([batch_shape, y.shape[-3:].as_list()], axis=0))
-    return y, tf.reshape(log_det, batch_shape)
+    y = tf.reshape(y, tf.concat([leading, y.shape[-3:].as_list()], axis=0))
+    return y, tf.reshape(log_det, leading)
 
   # TFP's hooks, all views of the two one-pass methods. The cache calls the `_augmented_*` pair
   # and keeps the log-det as the attribute 'ildj' (log|det| of the inverse at the pair).
@@ -312,7 +312,8 @@ def sum_event(x):
 class Sequential(FlowBijector):
   """Applies `bijectors` in order: forward runs first to last, inverse last to first.
 
-  log|det J| is the sum of the parts' log-dets. (TFP's `Chain` lists them the other way round and
+  log|det J| is the sum of the parts' log-dets (each `[N]`, one per example, as every
+  `FlowBijector` gives them). (TFP's `Chain` lists them the other way round and
   cannot pass one log-det pass or the `training` flag through.)
   """
 

@@ -66,7 +66,9 @@ def _normalize_with_updates_as_bits(x, moving_mean, moving_variance, momentum, e
   mean, variance, count = synchronized_moments(x, with_count=True, synchronized=False)
   updated = tuple(moving_average(m, batch, momentum, count)
                   for m, batch in ((moving_mean, mean), (moving_variance, variance)))
-  y, log_std = normalize_by_batch(x, *(tf.cast(t, x.dtype) for t in (mean, variance, count)),
+  count = (tf.constant(count, x.dtype) if isinstance(count, float) else  # (tf.cast would
+           tf.cast(count, x.dtype))                                       # go through float32)
+  y, log_std = normalize_by_batch(x, tf.cast(mean, x.dtype), tf.cast(variance, x.dtype), count,
                                   epsilon, synchronized=False)
   return (y, log_std, *(tf.bitcast(u, {2: tf.int16, 4: tf.int32, 8: tf.int64}[u.dtype.size])
                         for u in updated))
@@ -76,7 +78,8 @@ def _normalize_with_updates_as_bits(x, moving_mean, moving_variance, momentum, e
 # the small MNIST model has 16 in 5 shapes): tracing each copy in the step's graph (some 60 ops
 # with its gradient) was a tenth of that graph, and the graph's size is most of the first step.
 # The running averages leave as bits (integers), for the reasons of
-# `nets._residual_block_traced`.
+# `nets._residual_block_traced`. Training only, where the flow's batch norms run one after
+# another (see `nets._block_function`); it holds no convolution.
 _normalize_traced = tf.function(_normalize_with_updates_as_bits, autograph=False,
                                 experimental_attributes={'_noinline': True})
 
