@@ -340,6 +340,48 @@ def test_synchronized_batch_norm_gradient_on_two_replicas_is_the_whole_batchs():
   assert collectives == 2 * 3
 
 
+def test_unsynchronized_batch_norm_on_two_replicas_is_each_halfs_own():
+  # Each replica runs the shared function on its half; the running averages (aggregated by
+  # mean) move to the mean of the two halves' updates.
+  from tfp_realnvp import training
+  x = 3. + 2. * _normal([8, *SHAPE], tf.float32)
+  rng = np.random.default_rng(6)
+  weights = tf.constant(rng.normal(size=x.shape), tf.float32)
+
+  def run(norm, x, weights):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y, log_det = norm.forward_and_log_det(x, training=True)
+      value = tf.reduce_sum(weights * y * y) + tf.reduce_sum(log_det)
+    return y, tape.gradient(value, x)
+  expected, updates = [], []
+  for half in (slice(0, 4), slice(4, 8)):  # each half alone, on one device
+    alone = BatchNorm(BatchStatistics(momentum=0.5, synchronized=False), SHAPE)
+    expected.append(run(alone, tf.identity(x[half]), weights[half]))
+    stats = alone.keras_layers[0]
+    updates.append((stats.moving_mean.numpy(), stats.moving_variance.numpy()))
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  strategy = training.mirrored_strategy(devices)
+  with strategy.scope():
+    norm = BatchNorm(BatchStatistics(momentum=0.5, synchronized=False), SHAPE)
+  halves = [strategy.experimental_distribute_values_from_function(
+      lambda context, t=t: t[4 * context.replica_id_in_sync_group:][:4]) for t in (x, weights)]
+  got = strategy.run(tf.function(lambda x, w: run(norm, x, w)), args=halves)
+  for replica, (y, gradient) in enumerate(zip(*(strategy.experimental_local_results(t)
+                                                 for t in got))):
+    np.testing.assert_allclose(y, expected[replica][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gradient, expected[replica][1], rtol=1e-4, atol=1e-4)
+  stats = norm.keras_layers[0]
+  np.testing.assert_allclose(stats.moving_mean, np.mean([u[0] for u in updates], 0), rtol=1e-5)
+  np.testing.assert_allclose(stats.moving_variance, np.mean([u[1] for u in updates], 0),
+                             rtol=1e-5)
+  halves = x.numpy()[:4], x.numpy()[4:]  # (momentum 0.5, from 0 and 1)
+  np.testing.assert_allclose(stats.moving_mean, np.mean([0.5 * h.mean((0, 1, 2)) for h in halves],
+                                                        0), rtol=1e-5)
+  np.testing.assert_allclose(stats.moving_variance,
+                             np.mean([0.5 + 0.5 * h.var((0, 1, 2)) for h in halves], 0), rtol=1e-5)
+
+
 def test_logit_round_trip_log_det_and_formula(dtype):
   logit = Logit(SHAPE, dtype=dtype)
   x = tf.random.stateless_uniform([3, *SHAPE], [2, 0], 0., 256., dtype=dtype)
