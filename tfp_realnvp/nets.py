@@ -7,7 +7,8 @@ from keras.src.backend.common.variables import AutocastScope
 from keras import ops
 import tensorflow as tf
 
-from tfp_realnvp.bijectors.batch_norm import moving_average, one_replica, synchronized_moments
+from tfp_realnvp.bijectors.batch_norm import (as_bits, moving_average, one_replica,
+                                              synchronized_moments)
 
 EPSILON = 1e-4  # the networks' batch norm
 
@@ -277,14 +278,9 @@ def residual_block(x, norm1, conv1, norm2, conv2, training, momentum, epsilon,
   return x + h, updated1 + updated2
 
 
-def _bits(x):
-  """`x`'s bits as integers of its width (`tf.bitcast`): not differentiable."""
-  return tf.bitcast(x, {2: tf.int16, 4: tf.int32, 8: tf.int64}[x.dtype.size])
-
-
 def _residual_block_with_updates_as_bits(x, norm1, conv1, norm2, conv2, *args):
   y, updated = residual_block(x, norm1, conv1, norm2, conv2, *args)
-  return y, tuple(_bits(u) for u in updated)
+  return y, tuple(as_bits(u) for u in updated)
 
 
 # Traced once per shape and reused by every block of that shape (not inlined): a `cifar10` model
@@ -335,7 +331,7 @@ def coupling_network(x, weights, training, momentum, synchronized=True, conv_dty
 
 def _network_with_updates_as_bits(x, weights, *args):
   s, t, *updated = coupling_network(x, weights, *args)
-  return (s, t, *(_bits(u) for u in updated))
+  return (s, t, *(as_bits(u) for u in updated))
 
 
 # In training, one traced function per shape serves every coupling network of that shape (a

@@ -70,8 +70,12 @@ def _normalize_with_updates_as_bits(x, moving_mean, moving_variance, momentum, e
            tf.cast(count, x.dtype))                                       # go through float32)
   y, log_std = normalize_by_batch(x, tf.cast(mean, x.dtype), tf.cast(variance, x.dtype), count,
                                   epsilon, synchronized=False)
-  return (y, log_std, *(tf.bitcast(u, {2: tf.int16, 4: tf.int32, 8: tf.int64}[u.dtype.size])
-                        for u in updated))
+  return (y, log_std, *(as_bits(u) for u in updated))
+
+
+def as_bits(x):
+  """`x`'s bits as integers of its width (`tf.bitcast`): not differentiable."""
+  return tf.bitcast(x, {2: tf.int16, 4: tf.int32, 8: tf.int64}[x.dtype.size])
 
 
 # In training, one traced function per shape serves every batch norm of that shape (the flow of
