@@ -7,7 +7,8 @@
 # 1. launch.benchmark on one GPU: train, log_prob, sample, encode, decode images/s, first step,
 #    peak memory (all measured in this run).
 # 2. launch.train on CIFAR-sized generated images, one epoch: one GPU with and without XLA, and
-#    all GPUs (MirroredStrategy): training images/s per GPU at the same per-GPU batch.
+#    all GPUs (MirroredStrategy) with XLA (--nosync_batch_norm) and without: training images/s
+#    per GPU at the same per-GPU batch.
 # Environment: BATCH (per GPU, default 256), STEPS (timed training steps, default 200),
 # EXTRA (flags for both, e.g. "--num_blocks=1" for a dry run on a CPU).
 set -euo pipefail
@@ -29,8 +30,9 @@ np.savez(path, x_train=train, x_test=train[:batch])
 PY
 python -m launch.benchmark --presets=cifar10 --jit_compile --mixed_precision=bfloat16 \
   --batch_size="$BATCH" --steps=10 --quality_budget=0 --output="$OUT/benchmark.json" $EXTRA
-# XLA under MirroredStrategy is refused today (see launch.train): all GPUs run without it, and
-# one GPU runs both ways, so that the table shows what XLA and the replicas each give.
+# One GPU with and without XLA, all GPUs with XLA (each replica's own batch statistics: XLA
+# cannot compile the synchronized ones' all-reduces) and without it (synchronized), so that the
+# table shows what XLA, the replicas and the synchronization each give.
 run() {
   python -m launch.train --workdir="$OUT/run-$1" --restart --dataset="npz:$OUT/cifar_sized.npz" \
     --preset=cifar10 --mixed_precision=bfloat16 --batch_size="$BATCH" --epochs=1 \
@@ -39,6 +41,7 @@ run() {
 }
 run one_device_xla --strategy=one_device --jit_compile
 run one_device --strategy=one_device
+run mirrored_xla --strategy=mirrored --jit_compile --nosync_batch_norm
 run mirrored --strategy=mirrored
 python - "$OUT" <<'PY'
 import json, os, sys
@@ -47,7 +50,7 @@ bench = json.load(open(os.path.join(out, 'benchmark.json')))['results'][0]
 rows = [('launch.benchmark, 1 device', bench['train_images_per_second'], 1,
          bench['train_first_step_seconds'], bench['sample_images_per_second'],
          bench['log_prob_images_per_second'])]
-for run in ('one_device_xla', 'one_device', 'mirrored'):
+for run in ('one_device_xla', 'one_device', 'mirrored_xla', 'mirrored'):
   path = os.path.join(out, f'run-{run}', 'metrics.json')
   if not os.path.exists(path):
     print(f'launch.train {run}: no metrics (it failed; see its output above)')

@@ -140,12 +140,6 @@ def main(argv):
     raise training.RunError('--restart is not for multi-worker runs (workers would read the '
                             'workdir while the chief moves files): restart once with one worker, '
                             'or move WORKDIR/checkpoints aside by hand.')
-  if FLAGS.jit_compile and isinstance(strategy, (tf.distribute.MirroredStrategy,
-                                                  tf.distribute.MultiWorkerMirroredStrategy)):
-    raise training.RunError(f'--jit_compile does not work under {type(strategy).__name__} yet '
-                            '(the compiled flow assigns batch-norm running averages, which needs '
-                            'a cross-replica merge): drop --jit_compile, or use '
-                            '--strategy=one_device.')
   if chief:
     training.lock_workdir(FLAGS.workdir)
     if FLAGS.restart:
@@ -159,6 +153,11 @@ def main(argv):
   config = launch_flags.model_config(data, saved)  # a resumed run keeps its run settings
   global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
   steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
+  if FLAGS.jit_compile and config.sync_batch_norm and strategy.num_replicas_in_sync > 1:
+    raise training.RunError(
+        f'--jit_compile on {strategy.num_replicas_in_sync} replicas needs --nosync_batch_norm '
+        '(each replica\'s own batch statistics): synchronized ones all-reduce inside the '
+        'compiled flow, which XLA cannot compile. Or drop --jit_compile.')
   config_of_run = run_config(data, config, strategy)
   training.check_run_config(FLAGS.workdir, config_of_run)
 

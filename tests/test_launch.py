@@ -205,7 +205,7 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
       (['--dataset=mnist', f'--data_dir={tmp_path}'], 'not prepared'),
       (['--strategy=gpu'], 'strategy'),
       ([f'--dataset={digits[0]}', '--strategy=mirrored', '--jit_compile'],
-       '--jit_compile does not work under MirroredStrategy yet'),
+       '--jit_compile on 2 replicas needs --nosync_batch_norm'),
   ]
   for flags, message in cases:
     workdir = trained if 'different' in message else str(tmp_path / 'w')
@@ -231,6 +231,19 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
   result = launch('evaluate', f'--workdir={tmp_path}/none')
   assert result.returncode == 2 and 'error: ' + f'{tmp_path}/none has no config.json' in \
       result.stderr and 'Traceback' not in result.stderr
+
+
+def test_train_with_xla_on_two_replicas(digits, tmp_path):
+  workdir = str(tmp_path / 'xla')
+  ok(launch('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--epochs=1',
+            '--steps_per_epoch=5', '--strategy=mirrored', '--cpu_devices=2', '--jit_compile',
+            '--nosync_batch_norm'))
+  metrics = _metrics(workdir)
+  assert (metrics['replicas'], metrics['steps']) == (2, 5)
+  assert 0 < metrics['test_bits_per_dim'] < 20
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  assert config['train']['jit_compile'] and not config['model']['sync_batch_norm']
 
 
 def test_train_with_glows_layers_from_flags(digits, tmp_path):

@@ -12,7 +12,8 @@ import tensorflow_probability as tfp
 from tfp_realnvp import graph_options, optimizers, presets
 from tfp_realnvp.bijectors.actnorm import ActNorm, ActNormParameters, data_dependent_init
 from tfp_realnvp.bijectors.base import batch_shape
-from tfp_realnvp.bijectors.batch_norm import BatchStatistics
+from tfp_realnvp.bijectors.batch_norm import (BatchStatistics, as_bits, assign_running_average,
+                                              deferred_running_averages)
 from tfp_realnvp.bijectors.invertible_conv import Invertible1x1Conv, LUWeights
 from tfp_realnvp.bijectors.multiscale import latent_groups, multiscale_flow
 from tfp_realnvp.conditional import ClassConditionalNormal, ClassConditionalPrior, LabelError
@@ -75,6 +76,28 @@ class BitsPerDim(keras.metrics.Mean):
   def update_state(self, y_true, y_pred, sample_weight=None):
     del y_true
     return super().update_state(y_pred, sample_weight)
+
+
+def _compiled_with_running_averages_outside(forward_and_log_det):
+  """`forward_and_log_det` compiled with XLA, the running averages it updates in training
+  assigned after it, outside the compiled function: under MirroredStrategy, assigning a mirrored
+  variable in a replica merges the replicas' values (their mean), which XLA cannot compile.
+  The values leave the compiled function as bits (integers: no gradient flows to them)."""
+  updated = {}  # per `training`: the variables whose values the compiled function returns
+
+  def forward(x, training=False, **kwargs):
+    with deferred_running_averages() as updates:
+      y, log_det = forward_and_log_det(x, training=training, **kwargs)
+    updated[bool(training)] = [variable for variable, _ in updates]
+    return y, log_det, [as_bits(value) for _, value in updates]
+  compiled = tf.function(forward, jit_compile=True)
+
+  def forward_assigning_after(x, training=False, **kwargs):
+    y, log_det, bits = compiled(x, training=training, **kwargs)
+    for variable, value in zip(updated[bool(training)], bits, strict=True):
+      assign_running_average(variable, tf.bitcast(value, variable.dtype))
+    return y, log_det
+  return forward_assigning_after
 
 
 @keras.saving.register_keras_serializable(package='tfp_realnvp')
@@ -461,7 +484,9 @@ class RealNVP(keras.Model):
     the `bits_per_dim` metric (lower is better), before any `metrics` given.
 
     `jit_compile=True` compiles the flow with XLA inside Keras' step (Keras' own
-    `jit_compile` fails under MirroredStrategy). With `compute_dtype='float16'` the optimizer is
+    `jit_compile` fails under MirroredStrategy), the running averages assigned after it; on
+    several replicas it needs `sync_batch_norm=False` (XLA cannot compile the synchronized
+    statistics' all-reduces). With `compute_dtype='float16'` the optimizer is
     wrapped in a `LossScaleOptimizer`. The compile arguments are saved with the model
     (`get_compile_config`): a `.keras` file loads compiled, optimizer state and step included,
     and trains on where it stopped.
@@ -475,7 +500,15 @@ class RealNVP(keras.Model):
     # Clipped by the global norm of the gradient summed over replicas, after the optimizer's
     # one all-reduce (`global_clipnorm` would clip each replica's part).
     optimizers.clip_after_all_reduce(optimizer, self.config.clipnorm)
-    self._flow_forward = (tf.function(self.flow.forward_and_log_det, jit_compile=True)
+    if (jit_compile and self.config.sync_batch_norm and
+        self.distribute_strategy.num_replicas_in_sync > 1):
+      raise ValueError(
+          f'jit_compile=True under {type(self.distribute_strategy).__name__} with '
+          f'{self.distribute_strategy.num_replicas_in_sync} replicas needs each replica\'s own '
+          'batch statistics: synchronized ones all-reduce inside the compiled flow, which XLA '
+          'cannot compile. Build the model with sync_batch_norm=False (--nosync_batch_norm), '
+          'or compile without jit_compile.')
+    self._flow_forward = (_compiled_with_running_averages_outside(self.flow.forward_and_log_det)
                           if jit_compile else self.flow.forward_and_log_det)
     metrics = list(metrics or [])
     super().compile(optimizer=optimizer, jit_compile=False, metrics=[BitsPerDim(), *metrics],

@@ -7,8 +7,8 @@ from keras.src.backend.common.variables import AutocastScope
 from keras import ops
 import tensorflow as tf
 
-from tfp_realnvp.bijectors.batch_norm import (as_bits, moving_average, one_replica,
-                                              synchronized_moments)
+from tfp_realnvp.bijectors.batch_norm import (as_bits, assign_running_average, moving_average,
+                                              one_replica, synchronized_moments)
 
 EPSILON = 1e-4  # the networks' batch norm
 
@@ -73,7 +73,7 @@ def _assign(variables, values):
   """Running averages <- their updates (there are none in inference)."""
   for variable, value in zip(variables, values or [None] * len(variables), strict=True):
     if value is not None:
-      variable.assign(value)
+      assign_running_average(variable, value)
 
 
 def _local(synchronized):

@@ -1,5 +1,8 @@
 """Batch normalization as an invertible flow layer that follows Keras' training flag."""
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
 
@@ -41,7 +44,7 @@ class BatchStatistics(keras.layers.Layer):
     mean, variance, count = synchronized_moments(x, with_count=True,
                                                  synchronized=self.synchronized)
     for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-      moving.assign(moving_average(moving, batch, self.momentum, count))
+      assign_running_average(moving, moving_average(moving, batch, self.momentum, count))
     return (mean, variance, count) if with_count else (mean, variance)
 
   def _normalize(self, x, epsilon):
@@ -53,7 +56,7 @@ class BatchStatistics(keras.layers.Layer):
                                              tf.convert_to_tensor(self.moving_variance),
                                              self.momentum, epsilon)
     for moving, bits in zip((self.moving_mean, self.moving_variance), updated):
-      moving.assign(tf.bitcast(bits, moving.dtype))
+      assign_running_average(moving, tf.bitcast(bits, moving.dtype))
     return y, log_std
 
   def get_config(self):
@@ -71,6 +74,32 @@ def _normalize_with_updates_as_bits(x, moving_mean, moving_variance, momentum, e
   y, log_std = normalize_by_batch(x, tf.cast(mean, x.dtype), tf.cast(variance, x.dtype), count,
                                   epsilon, synchronized=False)
   return (y, log_std, *(as_bits(u) for u in updated))
+
+
+_deferred = threading.local()  # per thread: MirroredStrategy traces each replica in its own
+
+
+@contextlib.contextmanager
+def deferred_running_averages():
+  """Inside, `assign_running_average` records `(variable, value)` in the list this yields
+  instead of assigning: the caller assigns them, e.g. outside an XLA-compiled function, where
+  a mirrored variable's assignment (a cross-replica merge of its replicas' values) cannot run."""
+  outer = getattr(_deferred, 'updates', None)
+  _deferred.updates = []
+  try:
+    yield _deferred.updates
+  finally:
+    _deferred.updates = outer
+
+
+def assign_running_average(variable, value):
+  """`variable.assign(value)` for a running average, or recorded for the caller inside
+  `deferred_running_averages()`."""
+  updates = getattr(_deferred, 'updates', None)
+  if updates is None:
+    variable.assign(value)
+  else:
+    updates.append((variable, value))
 
 
 def as_bits(x):
