@@ -312,6 +312,12 @@ def main(argv):
                 [overrides.get('compute_dtype')]]
   for precision in precisions:  # before minutes of measuring
     presets.check_field('compute_dtype', precision)
+  if FLAGS.jit_compile and len(devices) > 1 and any(
+      presets.get(name, **overrides).sync_batch_norm for name in FLAGS.presets):
+    raise common.RunError(f'--jit_compile with --replicas={len(devices)} needs '
+                          '--nosync_batch_norm (each replica\'s own batch statistics): '
+                          'synchronized ones all-reduce inside the compiled flow, which XLA '
+                          'cannot compile. Or drop --jit_compile.')
   results = []
   for name in FLAGS.presets:
     for index, precision in enumerate(precisions):
@@ -319,8 +325,8 @@ def main(argv):
       figures = in_own_process('measure', name, config, options)
       results.append(figures)
       if devices and index == 0:  # replicas at the first precision only
-        print(f'== {name}: 1 and {len(devices)} replicas, global batch {options.batch_size}',
-              flush=True)
+        print(f'== {name}: 1 and {len(devices)} replicas, global batch {options.batch_size}'
+              f'{", XLA" if options.jit_compile else ""}', flush=True)
         figures['replica_scaling'] = in_own_process('replicas', name, config, options, devices)
 
   report = {'machine': machine(), 'date': time.strftime('%Y-%m-%d %H:%M %Z'),
