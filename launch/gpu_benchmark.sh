@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issue 12, prepared to run whenever a GPU machine is available (~10 minutes):
+# The GPU check of issue 12, prepared to run whenever a GPU machine is available (meant to take
+# under 10 minutes; so far dry-run on a CPU only):
 # the cifar10 preset with XLA and bfloat16, on one GPU and on all of them, in one table.
 #
 #   bash launch/gpu_benchmark.sh [OUT_DIR]        (from the repository root)
@@ -30,9 +31,10 @@ np.savez(path, x_train=train, x_test=train[:batch])
 PY
 python -m launch.benchmark --presets=cifar10 --jit_compile --mixed_precision=bfloat16 \
   --batch_size="$BATCH" --steps=10 --quality_budget=0 --output="$OUT/benchmark.json" $EXTRA
-# One GPU with and without XLA, all GPUs with XLA (each replica's own batch statistics: XLA
-# cannot compile the synchronized ones' all-reduces) and without it (synchronized), so that the
-# table shows what XLA, the replicas and the synchronization each give.
+# One GPU with and without XLA; all GPUs with XLA (each replica's own batch statistics: XLA
+# cannot compile the synchronized ones' all-reduces) and without it (synchronized). The rows with
+# XLA show what the replicas give with it, the rows without, what they give with the loss of the
+# global batch.
 run() {
   python -m launch.train --workdir="$OUT/run-$1" --restart --dataset="npz:$OUT/cifar_sized.npz" \
     --preset=cifar10 --mixed_precision=bfloat16 --batch_size="$BATCH" --epochs=1 \

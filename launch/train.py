@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from launch import common
 from launch import flags as launch_flags
-from tfp_realnvp import hardware, training
+from tfp_realnvp import hardware, presets, training
 from tfp_realnvp.data import evaluation_batches, training_batches
 from tfp_realnvp.images import save_png
 from tfp_realnvp.model import RealNVP, to_uint8
@@ -130,6 +130,19 @@ def _count(number):
   return f'{number:,}' if number is not None else '?'
 
 
+def _sync_batch_norm():
+  """This run's `sync_batch_norm` before anything is read or moved: the flag, else the resumed
+  run's (a run setting), else the default."""
+  overrides = launch_flags.model_overrides()
+  if 'sync_batch_norm' in overrides:
+    return overrides['sync_batch_norm']
+  if not FLAGS.restart and os.path.exists(os.path.join(FLAGS.workdir, 'config.json')):
+    saved = training.read_run_config(FLAGS.workdir)['model']
+    if 'sync_batch_norm' in saved:
+      return saved['sync_batch_norm']
+  return presets.FIELDS['sync_batch_norm'].default
+
+
 def main(argv):
   del argv
   if FLAGS.cpu_devices:
@@ -140,6 +153,11 @@ def main(argv):
     raise training.RunError('--restart is not for multi-worker runs (workers would read the '
                             'workdir while the chief moves files): restart once with one worker, '
                             'or move WORKDIR/checkpoints aside by hand.')
+  if FLAGS.jit_compile and strategy.num_replicas_in_sync > 1 and _sync_batch_norm():
+    raise training.RunError(
+        f'--jit_compile on {strategy.num_replicas_in_sync} replicas needs --nosync_batch_norm '
+        '(each replica\'s own batch statistics): synchronized ones all-reduce inside the '
+        'compiled flow, which XLA cannot compile. Or drop --jit_compile.')
   if chief:
     training.lock_workdir(FLAGS.workdir)
     if FLAGS.restart:
@@ -153,11 +171,6 @@ def main(argv):
   config = launch_flags.model_config(data, saved)  # a resumed run keeps its run settings
   global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
   steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
-  if FLAGS.jit_compile and config.sync_batch_norm and strategy.num_replicas_in_sync > 1:
-    raise training.RunError(
-        f'--jit_compile on {strategy.num_replicas_in_sync} replicas needs --nosync_batch_norm '
-        '(each replica\'s own batch statistics): synchronized ones all-reduce inside the '
-        'compiled flow, which XLA cannot compile. Or drop --jit_compile.')
   config_of_run = run_config(data, config, strategy)
   training.check_run_config(FLAGS.workdir, config_of_run)
 

@@ -161,7 +161,9 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(digits, tmp_pat
   assert _metrics(workdir)['steps'] == epochs * 60
 
 
-def test_two_worker_training_on_localhost(digits, tmp_path):
+@pytest.mark.parametrize('flags', [(), ('--jit_compile', '--nosync_batch_norm')],
+                         ids=['', 'xla'])
+def test_two_worker_training_on_localhost(digits, tmp_path, flags):
   import socket
   ports = []
   for _ in range(2):
@@ -177,7 +179,7 @@ def test_two_worker_training_on_localhost(digits, tmp_path):
     processes.append(subprocess.Popen(
         [sys.executable, '-m', 'launch.train', f'--workdir={workdir}', f'--dataset={digits[0]}',
          *SMALL, '--batch_size=16', '--epochs=1', '--steps_per_epoch=10',
-         '--checkpoint_every_steps=0', '--strategy=multi_worker'],
+         '--checkpoint_every_steps=0', '--strategy=multi_worker', *flags],
         cwd=ROOT, env={**os.environ, 'TF_CONFIG': json.dumps(tf_config)},
         stdout=logs[-1], stderr=subprocess.STDOUT))
   for process, log in zip(processes, logs):
@@ -244,6 +246,17 @@ def test_train_with_xla_on_two_replicas(digits, tmp_path):
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
   assert config['train']['jit_compile'] and not config['model']['sync_batch_norm']
+
+
+def test_xla_on_two_replicas_refused_before_restart_moves_the_run(digits, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text('{"model": {}}')
+  with in_process('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--restart',
+                  '--strategy=mirrored', '--jit_compile') as result:
+    assert result['code'] == 2
+    assert '--jit_compile on 2 replicas needs --nosync_batch_norm' in result['err']
+  assert os.listdir(workdir) == ['config.json']  # not set aside
 
 
 def test_train_with_glows_layers_from_flags(digits, tmp_path):

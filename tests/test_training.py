@@ -144,6 +144,8 @@ def test_xla_under_mirrored_strategy_trains_as_without_it():
     history = model.fit(train, batch_size=16, epochs=1, shuffle=False, verbose=0)
     paths = [v.path for v in model.weights]
     results[jit_compile] = history.history['loss'], model.get_weights()
+    compiled = getattr(model._flow_forward, 'compiled', None)
+    assert (compiled is not None and compiled.experimental_get_tracing_count() > 0) == jit_compile
   (loss, weights), (xla_loss, xla_weights) = results[False], results[True]
   np.testing.assert_allclose(xla_loss, loss, rtol=1e-5)
   averages = [i for i, path in enumerate(paths) if 'moving_' in path]
@@ -158,3 +160,23 @@ def test_xla_under_mirrored_strategy_trains_as_without_it():
     synchronized = rn.RealNVP(SMALL)
     with pytest.raises(ValueError, match='needs each replica.s own batch statistics'):
       synchronized.compile(jit_compile=True)
+
+
+def test_actnorm_initialises_outside_xla_on_two_replicas():
+  # The data-dependent initialisation all-reduces (which XLA cannot compile on several
+  # replicas): it runs outside the compiled flow, and training does not reuse its trace.
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  config = SMALL.replace(sync_batch_norm=False, normalization='actnorm')
+  train = np.random.default_rng(5).uniform(0, 256, [32, 8, 8, 2]).astype(np.float32)
+  with training.mirrored_strategy(devices).scope():
+    model = rn.RealNVP(config)
+    model.compile(jit_compile=True)
+  assert model.needs_data_initialization()
+  model.fit(train, batch_size=16, epochs=1, shuffle=False, verbose=0)
+  assert not model.needs_data_initialization()
+  actnorms = [layer for layer in model.flow_layers if isinstance(layer, rn.bijectors.ActNormParameters)]
+  assert actnorms and all(np.abs(layer.log_scale.numpy()).max() > 1e-3 for layer in actnorms)
+  # The compiled flow's traces (the training step's) assign nothing: no initialisation in them.
+  traces = model._flow_forward.compiled._list_all_concrete_functions()
+  assert traces and not [op for trace in traces for op in trace.graph.get_operations()
+                         if op.type.startswith('Assign')]

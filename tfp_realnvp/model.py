@@ -88,7 +88,15 @@ def _compiled_with_running_averages_outside(forward_and_log_det):
   def forward(x, training=False, **kwargs):
     with deferred_running_averages() as updates:
       y, log_det = forward_and_log_det(x, training=training, **kwargs)
-    updated[bool(training)] = [variable for variable, _ in updates]
+    variables = [variable for variable, _ in updates]
+    # Every trace of one `training` must update the same variables in the same order, each once
+    # (the values are matched to them by position).
+    known = updated.setdefault(bool(training), variables)
+    if ([id(v) for v in known] != [id(v) for v in variables] or
+        len({id(v) for v in variables}) != len(variables)):
+      raise RuntimeError('The compiled flow updated other running averages than in its first '
+                         'trace, or one twice: this is a bug in tfp_realnvp; compile without '
+                         'jit_compile meanwhile.')
     return y, log_det, [as_bits(value) for _, value in updates]
   compiled = tf.function(forward, jit_compile=True)
 
@@ -97,6 +105,7 @@ def _compiled_with_running_averages_outside(forward_and_log_det):
     for variable, value in zip(updated[bool(training)], bits, strict=True):
       assign_running_average(variable, tf.bitcast(value, variable.dtype))
     return y, log_det
+  forward_assigning_after.compiled = compiled  # (the `tf.function`, for tests)
   return forward_assigning_after
 
 
@@ -262,7 +271,13 @@ class RealNVP(keras.Model):
       images, labels = batch if self.num_classes else (batch, None)
       with data_dependent_init():
         self(images, labels=labels, training=True)
-    tf.function(lambda batch: strategy.run(replica, args=(batch,)))(batch)
+    # Not through the XLA-compiled flow (`compile(jit_compile=True)`): its trace would hold the
+    # initialisation, whose all-reduces XLA cannot compile, and training would reuse that trace.
+    compiled, self._flow_forward = self._flow_forward, self.flow.forward_and_log_det
+    try:
+      tf.function(lambda batch: strategy.run(replica, args=(batch,)))(batch)
+    finally:
+      self._flow_forward = compiled
 
   def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
     """Keras `fit`; a model with `ActNorm` not yet set from data is first set from the first

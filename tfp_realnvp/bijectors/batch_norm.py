@@ -83,7 +83,9 @@ _deferred = threading.local()  # per thread: MirroredStrategy traces each replic
 def deferred_running_averages():
   """Inside, `assign_running_average` records `(variable, value)` in the list this yields
   instead of assigning: the caller assigns them, e.g. outside an XLA-compiled function, where
-  a mirrored variable's assignment (a cross-replica merge of its replicas' values) cannot run."""
+  a mirrored variable's assignment (a cross-replica merge of its replicas' values) cannot run.
+  Per thread: under MirroredStrategy, open it inside the replica function (each replica is
+  traced in a thread of its own)."""
   outer = getattr(_deferred, 'updates', None)
   _deferred.updates = []
   try:
