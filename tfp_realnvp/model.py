@@ -10,7 +10,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_realnvp import graph_options, optimizers, presets
-from tfp_realnvp.bijectors.actnorm import ActNorm, ActNormParameters, data_dependent_init
+from tfp_realnvp.bijectors.actnorm import (ActNorm, ActNormParameters, data_dependent_init,
+                                           initializing)
 from tfp_realnvp.bijectors.base import batch_shape
 from tfp_realnvp.bijectors.batch_norm import (BatchStatistics, as_bits, assign_running_average,
                                               deferred_running_averages)
@@ -101,6 +102,10 @@ def _compiled_with_running_averages_outside(forward_and_log_det):
   compiled = tf.function(forward, jit_compile=True)
 
   def forward_assigning_after(x, training=False, **kwargs):
+    if initializing():
+      # ActNorm's data-dependent initialisation: not compiled. Its all-reduces cannot be on
+      # several replicas, and a trace holding it would serve training too (or the reverse).
+      return forward_and_log_det(x, training=training, **kwargs)
     y, log_det, bits = compiled(x, training=training, **kwargs)
     for variable, value in zip(updated[bool(training)], bits, strict=True):
       assign_running_average(variable, tf.bitcast(value, variable.dtype))
@@ -271,13 +276,7 @@ class RealNVP(keras.Model):
       images, labels = batch if self.num_classes else (batch, None)
       with data_dependent_init():
         self(images, labels=labels, training=True)
-    # Not through the XLA-compiled flow (`compile(jit_compile=True)`): its trace would hold the
-    # initialisation, whose all-reduces XLA cannot compile, and training would reuse that trace.
-    compiled, self._flow_forward = self._flow_forward, self.flow.forward_and_log_det
-    try:
-      tf.function(lambda batch: strategy.run(replica, args=(batch,)))(batch)
-    finally:
-      self._flow_forward = compiled
+    tf.function(lambda batch: strategy.run(replica, args=(batch,)))(batch)
 
   def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
     """Keras `fit`; a model with `ActNorm` not yet set from data is first set from the first

@@ -30,7 +30,8 @@ def data_dependent_init():
     _init.active = before
 
 
-def _initializing():
+def initializing():
+  """Whether this thread is inside `data_dependent_init()`."""
   return getattr(_init, 'active', False)
 
 
@@ -53,7 +54,7 @@ class ActNormParameters(keras.layers.Layer):
     """`(bias, log_scale)`; inside `data_dependent_init()` in training, first set from `x`
     (unless already initialised): the output then has zero mean and unit variance per channel
     over every replica's batch."""
-    if training and _initializing():
+    if training and initializing():
       mean, variance = synchronized_moments(tf.cast(x, self.bias.dtype))
       done = tf.cast(self.initialized, tf.bool)
       self.bias.assign(tf.where(done, self.bias, -mean))
