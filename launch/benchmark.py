@@ -312,12 +312,9 @@ def main(argv):
                 [overrides.get('compute_dtype')]]
   for precision in precisions:  # before minutes of measuring
     presets.check_field('compute_dtype', precision)
-  if FLAGS.jit_compile and len(devices) > 1 and any(
-      presets.get(name, **overrides).sync_batch_norm for name in FLAGS.presets):
-    raise common.RunError(f'--jit_compile with --replicas={len(devices)} needs '
-                          '--nosync_batch_norm (each replica\'s own batch statistics): '
-                          'synchronized ones all-reduce inside the compiled flow, which XLA '
-                          'cannot compile. Or drop --jit_compile.')
+  for name in FLAGS.presets:
+    common.check_xla(FLAGS.jit_compile, len(devices),
+                     presets.get(name, **overrides).sync_batch_norm)
   results = []
   for name in FLAGS.presets:
     for index, precision in enumerate(precisions):

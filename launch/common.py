@@ -116,3 +116,11 @@ def say(line):
 def wrote(paths):
   """The closing line: every file a command wrote."""
   say('wrote: ' + ', '.join(paths))
+
+
+def check_xla(jit_compile, replicas, sync_batch_norm):
+  """XLA on several replicas needs each replica's own batch statistics (`RealNVP.compile`)."""
+  if jit_compile and replicas > 1 and sync_batch_norm:
+    raise RunError(f'--jit_compile on {replicas} replicas needs --nosync_batch_norm (each '
+                   'replica\'s own batch statistics): synchronized ones all-reduce inside the '
+                   'compiled flow, which XLA cannot compile. Or drop --jit_compile.')

@@ -144,15 +144,6 @@ def _sync_batch_norm():
   return preset.sync_batch_norm if preset else presets.FIELDS['sync_batch_norm'].default
 
 
-def _check_xla(strategy, sync_batch_norm):
-  replicas = strategy.num_replicas_in_sync
-  if FLAGS.jit_compile and replicas > 1 and sync_batch_norm:
-    raise training.RunError(
-        f'--jit_compile on {replicas} replicas needs --nosync_batch_norm (each replica\'s own '
-        'batch statistics): synchronized ones all-reduce inside the compiled flow, which XLA '
-        'cannot compile. Or drop --jit_compile.')
-
-
 def main(argv):
   del argv
   if FLAGS.cpu_devices:
@@ -163,7 +154,8 @@ def main(argv):
     raise training.RunError('--restart is not for multi-worker runs (workers would read the '
                             'workdir while the chief moves files): restart once with one worker, '
                             'or move WORKDIR/checkpoints aside by hand.')
-  _check_xla(strategy, _sync_batch_norm())  # before anything is moved or read
+  # before anything is moved or read
+  common.check_xla(FLAGS.jit_compile, strategy.num_replicas_in_sync, _sync_batch_norm())
   if chief:
     training.lock_workdir(FLAGS.workdir)
     if FLAGS.restart:
@@ -175,7 +167,7 @@ def main(argv):
   data = launch_flags.load_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size,
                                 labels=launch_flags.wants_labels(saved))
   config = launch_flags.model_config(data, saved)  # a resumed run keeps its run settings
-  _check_xla(strategy, config.sync_batch_norm)
+  common.check_xla(FLAGS.jit_compile, strategy.num_replicas_in_sync, config.sync_batch_norm)
   global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
   steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
   config_of_run = run_config(data, config, strategy)

@@ -189,7 +189,7 @@ def test_benchmark_replicas_with_xla_need_unsynchronized_batch_norm():
   with in_process('benchmark', '--presets=mnist', '--replicas=2', '--jit_compile',
                   required=()) as result:
     assert result['code'] == 2
-    assert result['err'].strip().endswith('--jit_compile with --replicas=2 needs '
+    assert result['err'].strip().endswith('--jit_compile on 2 replicas needs '
                                           '--nosync_batch_norm (each replica\'s own batch '
                                           'statistics): synchronized ones all-reduce inside the '
                                           'compiled flow, which XLA cannot compile. Or drop '
