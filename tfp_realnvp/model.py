@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_realnvp import graph_options, optimizers, presets
+from tfp_realnvp import optimizers, presets
 from tfp_realnvp.bijectors.actnorm import (ActNorm, ActNormParameters, data_dependent_init,
                                            initializing)
 from tfp_realnvp.bijectors.base import batch_shape
@@ -563,30 +563,6 @@ class RealNVP(keras.Model):
     self.compile(optimizer=optimizer, jit_compile=config.get('jit_compile') is True,
                  metrics=metrics, **kwargs)
 
-  def make_train_function(self, force=False):
-    """Keras' train function, called with lighter graph optimization for its first call
-    (`graph_options`: one round of grappler's passes on the step, the few that change something
-    on the networks it calls)."""
-    super().make_train_function(force)
-    function = self.train_function
-    if (graph_options.ENABLED and function is not None and
-        not getattr(function, 'light_graph_options', False)):
-      # Both from the options the thread has now (TF's or the user's): `train_step` runs inside
-      # the step's, which the networks' must not inherit. (Only a function's first call reads
-      # them.)
-      base = graph_options.current_config()
-      config = graph_options.step_config(
-          base, networks_in_functions=self._networks_run_as_functions_in_training())
-      self._network_call_config = graph_options.network_config(base)
-
-      def train_function(*args, **kwargs):
-        with graph_options.function_call_config(config):
-          return function(*args, **kwargs)
-      train_function.light_graph_options = True
-      train_function.traced = getattr(function, 'traced', None)
-      self.train_function = train_function
-    return self.train_function
-
   def _make_function(self, step_function):
     """Keras' train and test functions, with the step traced into the function that reads the
     iterator (one `tf.function`) where Keras nests it in a second one: the inner function's
@@ -619,29 +595,12 @@ class RealNVP(keras.Model):
     function.traced = one_step_on_iterator  # (the `tf.function`, for tests)
     return function
 
-  def _networks_run_as_functions_in_training(self):
-    """Whether the training step calls its coupling networks as `nets`' shared traced functions
-    (its own graph then holds none of their convolutions): not with `recompute` (TF's
-    `recompute_grad` around each network) nor with batch statistics synchronized over several
-    replicas (the networks are then inlined)."""
-    replicas = self.distribute_strategy.num_replicas_in_sync
-    return not self.config.recompute and (replicas == 1 or not self.config.sync_batch_norm)
-
   # The steps have no control flow on tensors: AutoGraph's conversion of them (0.46 s of a
   # profiled trace of the small MNIST model's step) buys nothing.
   @tf.autograph.experimental.do_not_convert
   def train_step(self, data):
     """Keras' step; the gradient is clipped by the global norm of its sum over replicas, in the
-    optimizer's all-reduce (see `compile`). The functions it calls (networks, residual blocks)
-    get `graph_options.network_config()` of the options `fit`'s train function was made with
-    (traced on its own: of the thread's)."""
-    if not graph_options.ENABLED:
-      return self._train_step(data)
-    config = getattr(self, '_network_call_config', None) or graph_options.network_config()
-    with graph_options.function_call_config(config):
-      return self._train_step(data)
-
-  def _train_step(self, data):
+    optimizer's all-reduce (see `compile`)."""
     images, labels = self._images_and_labels(data, 'fit')
     if labels is not None:
       self.prior.count(labels)
