@@ -4,7 +4,6 @@ import math
 import numbers
 
 import keras
-from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -562,38 +561,6 @@ class RealNVP(keras.Model):
               if config.get(k) is not None}
     self.compile(optimizer=optimizer, jit_compile=config.get('jit_compile') is True,
                  metrics=metrics, **kwargs)
-
-  def _make_function(self, step_function):
-    """Keras' train and test functions, with the step traced into the function that reads the
-    iterator (one `tf.function`) where Keras nests it in a second one: the inner function's
-    captures (each variable and optimizer slot) were captured again by the outer, about a tenth
-    of the small MNIST model's first step. Keras' own with `run_eagerly`, `jit_compile` (set
-    after `compile`) or `steps_per_execution` > 1 (its loop over steps), when called with data,
-    not an iterator, or if Keras' internals it uses have moved.
-    (`compile` keeps Keras' `jit_compile` off: XLA compiles the flow inside the step.)"""
-    keras_function = super()._make_function(step_function)
-    if (self.run_eagerly or self.jit_compile or self.steps_per_execution != 1 or
-        not hasattr(keras_tf_trainer, 'reduce_per_replica')):
-      return keras_function
-    strategy = self.distribute_strategy
-
-    @tf.autograph.experimental.do_not_convert
-    def one_step_on_data(data):
-      outputs = strategy.run(step_function, args=(data,))
-      return keras_tf_trainer.reduce_per_replica(outputs, strategy, reduction='auto')
-    one_step_on_data = self._autoconvert_optionals(one_step_on_data)
-
-    @tf.function(reduce_retracing=True)
-    @tf.autograph.experimental.do_not_convert
-    def one_step_on_iterator(iterator):
-      return one_step_on_data(iterator.get_next())
-
-    def function(iterator):
-      if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
-        return one_step_on_iterator(iterator)
-      return keras_function(iterator)
-    function.traced = one_step_on_iterator  # (the `tf.function`, for tests)
-    return function
 
   # The steps have no control flow on tensors: AutoGraph's conversion of them (0.46 s of a
   # profiled trace of the small MNIST model's step) buys nothing.
