@@ -61,7 +61,7 @@ def test_keras_files_saved_with_kerass_own_compile_config_still_load():
   assert older['metrics'] is None or isinstance(older['metrics'], list)
   fresh = rn.RealNVP(CONFIG)
   fresh.compile_from_config(older)
-  assert fresh.compiled and isinstance(fresh.optimizer, rn.optimizers.Adam)
+  assert fresh.compiled and isinstance(fresh.optimizer, keras.optimizers.Adam)
   assert 'bits_per_dim' in fresh.evaluate(_digits(32), batch_size=32, verbose=0,
                                           return_dict=True)
 

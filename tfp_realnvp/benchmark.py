@@ -27,7 +27,7 @@ from tfp_realnvp.bijectors.affine_coupling import AffineCoupling
 from tfp_realnvp.data import Data, evaluation_batches, training_batches
 from tfp_realnvp.model import RealNVP
 from tfp_realnvp.nets import convolution_backward
-from tfp_realnvp.optimizers import GRADIENT_ALL_REDUCE
+from tfp_realnvp.compat import GRADIENT_ALL_REDUCE
 from tfp_realnvp.training import evaluate_bits_per_dim, mirrored_strategy
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_realnvp import optimizers, presets
+from tfp_realnvp import compat, optimizers, presets  # noqa: F401 (optimizers: registers Adam)
 from tfp_realnvp.bijectors.actnorm import (ActNorm, ActNormParameters, data_dependent_init,
                                            initializing)
 from tfp_realnvp.bijectors.base import batch_shape
@@ -506,13 +506,13 @@ class RealNVP(keras.Model):
     """
     given_optimizer = optimizer
     if optimizer is None:
-      optimizer = optimizers.Adam(self.config.learning_rate)
+      optimizer = keras.optimizers.Adam(self.config.learning_rate)
     if self.config.compute_dtype == 'float16' and not isinstance(
         optimizer, keras.optimizers.LossScaleOptimizer):
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     # Clipped by the global norm of the gradient summed over replicas, after the optimizer's
     # one all-reduce (`global_clipnorm` would clip each replica's part).
-    optimizers.clip_after_all_reduce(optimizer, self.config.clipnorm)
+    compat.clip_after_all_reduce(optimizer, self.config.clipnorm)
     if (jit_compile and self.config.sync_batch_norm and
         self.distribute_strategy.num_replicas_in_sync > 1):
       raise ValueError(
