@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from launch import common
 from launch import flags as launch_flags
-from tfp_realnvp import hardware, presets, training
+from tfp_realnvp import hardware, training
 from tfp_realnvp.data import evaluation_batches, training_batches
 from tfp_realnvp.images import save_png
 from tfp_realnvp.model import RealNVP, to_uint8
@@ -130,20 +130,6 @@ def _count(number):
   return f'{number:,}' if number is not None else '?'
 
 
-def _sync_batch_norm():
-  """This run's `sync_batch_norm` before anything is read or moved: the flag, else the resumed
-  run's (a run setting), else the preset's (`main` checks the config it builds again)."""
-  overrides = launch_flags.model_overrides()
-  if 'sync_batch_norm' in overrides:
-    return overrides['sync_batch_norm']
-  if not FLAGS.restart and os.path.exists(os.path.join(FLAGS.workdir, 'config.json')):
-    saved = training.read_run_config(FLAGS.workdir)['model']
-    if 'sync_batch_norm' in saved:
-      return saved['sync_batch_norm']
-  preset = presets.PRESETS.get(FLAGS.preset)
-  return preset.sync_batch_norm if preset else presets.FIELDS['sync_batch_norm'].default
-
-
 def main(argv):
   del argv
   if FLAGS.cpu_devices:
@@ -155,7 +141,7 @@ def main(argv):
                             'workdir while the chief moves files): restart once with one worker, '
                             'or move WORKDIR/checkpoints aside by hand.')
   # before anything is moved or read
-  common.check_xla(FLAGS.jit_compile, strategy.num_replicas_in_sync, _sync_batch_norm())
+  common.check_xla(FLAGS.jit_compile, strategy.num_replicas_in_sync)
   if chief:
     training.lock_workdir(FLAGS.workdir)
     if FLAGS.restart:
@@ -167,7 +153,6 @@ def main(argv):
   data = launch_flags.load_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size,
                                 labels=launch_flags.wants_labels(saved))
   config = launch_flags.model_config(data, saved)  # a resumed run keeps its run settings
-  common.check_xla(FLAGS.jit_compile, strategy.num_replicas_in_sync, config.sync_batch_norm)
   global_batch = FLAGS.batch_size * strategy.num_replicas_in_sync
   steps = training.steps_per_epoch(data.num_train, global_batch, FLAGS.steps_per_epoch)
   config_of_run = run_config(data, config, strategy)

@@ -164,36 +164,14 @@ def test_two_replicas_all_reduce_the_gradient_once_per_step():
   assert any('1 for the gradient, 120 for the synchronized batch norms' in line for line in lines)
 
 
-def test_replicas_with_xla_compile_the_flow(monkeypatch):
-  import tensorflow as tf
-  config = rn.RealNVPConfig((8, 8, 1), num_scales=2, num_blocks=1, num_filters=4,
-                            sync_batch_norm=False)
-  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
-  compiled = []
-  compile_model = rn.RealNVP.compile
-
-  def recording_compile(model, *args, **kwargs):
-    compiled.append(kwargs.get('jit_compile'))
-    return compile_model(model, *args, **kwargs)
-  monkeypatch.setattr(rn.RealNVP, 'compile', recording_compile)
-  one, two = benchmark.replica_scaling(
-      config, devices, benchmark.Options(batch_size=8, steps=1, jit_compile=True),
-      report=lambda line: None)
-  assert compiled == [True, True]
-  assert two['collective_ops_per_step'] == {'gradient': 1, 'batch_norm': 0, 'other': 0}
-  assert one['train_images_per_second'] > 0 and two['train_images_per_second'] > 0
-
-
-def test_benchmark_replicas_with_xla_need_unsynchronized_batch_norm():
+def test_benchmark_replicas_with_xla_are_refused_before_measuring():
   from test_launch import in_process
   with in_process('benchmark', '--presets=mnist', '--replicas=2', '--jit_compile',
                   required=()) as result:
     assert result['code'] == 2
-    assert result['err'].strip().endswith('--jit_compile on 2 replicas needs '
-                                          '--nosync_batch_norm (each replica\'s own batch '
-                                          'statistics): synchronized ones all-reduce inside the '
-                                          'compiled flow, which XLA cannot compile. Or drop '
-                                          '--jit_compile.')
+    assert result['err'].strip().endswith('--jit_compile runs on one replica, not 2: drop '
+                                          '--jit_compile, or train on one device '
+                                          '(--strategy=one_device).')
 
 
 def test_benchmark_replicas_need_the_devices():

@@ -161,9 +161,7 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(digits, tmp_pat
   assert _metrics(workdir)['steps'] == epochs * 60
 
 
-@pytest.mark.parametrize('flags', [(), ('--jit_compile', '--nosync_batch_norm')],
-                         ids=['', 'xla'])
-def test_two_worker_training_on_localhost(digits, tmp_path, flags):
+def test_two_worker_training_on_localhost(digits, tmp_path):
   import socket
   ports = []
   for _ in range(2):
@@ -179,7 +177,7 @@ def test_two_worker_training_on_localhost(digits, tmp_path, flags):
     processes.append(subprocess.Popen(
         [sys.executable, '-m', 'launch.train', f'--workdir={workdir}', f'--dataset={digits[0]}',
          *SMALL, '--batch_size=16', '--epochs=1', '--steps_per_epoch=10',
-         '--checkpoint_every_steps=0', '--strategy=multi_worker', *flags],
+         '--checkpoint_every_steps=0', '--strategy=multi_worker'],
         cwd=ROOT, env={**os.environ, 'TF_CONFIG': json.dumps(tf_config)},
         stdout=logs[-1], stderr=subprocess.STDOUT))
   for process, log in zip(processes, logs):
@@ -191,8 +189,6 @@ def test_two_worker_training_on_localhost(digits, tmp_path, flags):
   assert index_files == ['ckpt-10.index']
   metrics = _metrics(workdir)
   assert metrics['replicas'] == 2 and metrics['global_batch_size'] == 32
-  with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['train']['jit_compile'] == bool(flags)
 
 
 def test_errors_are_one_clear_line(digits, trained, tmp_path):
@@ -211,7 +207,7 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
   ]
   if _mirrored_replicas() > 1:
     cases.append(([f'--dataset={digits[0]}', '--strategy=mirrored', '--jit_compile'],
-                  f'--jit_compile on {_mirrored_replicas()} replicas needs --nosync_batch_norm'))
+                  f'--jit_compile runs on one replica, not {_mirrored_replicas()}'))
   for flags, message in cases:
     workdir = trained if 'different' in message else str(tmp_path / 'w')
     start = time.time()
@@ -238,17 +234,15 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
       result.stderr and 'Traceback' not in result.stderr
 
 
-def test_train_with_xla_on_two_replicas(digits, tmp_path):
+def test_train_with_xla_on_one_device(digits, tmp_path):
   workdir = str(tmp_path / 'xla')
   ok(launch('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--epochs=1',
-            '--steps_per_epoch=5', '--strategy=mirrored', '--cpu_devices=2', '--jit_compile',
-            '--nosync_batch_norm'))
+            '--steps_per_epoch=5', '--strategy=one_device', '--jit_compile'))
   metrics = _metrics(workdir)
-  assert (metrics['replicas'], metrics['steps']) == (2, 5)
+  assert (metrics['replicas'], metrics['steps']) == (1, 5)
   assert 0 < metrics['test_bits_per_dim'] < 20
   with open(os.path.join(workdir, 'config.json')) as f:
-    config = json.load(f)
-  assert config['train']['jit_compile'] and not config['model']['sync_batch_norm']
+    assert json.load(f)['train']['jit_compile']
 
 
 def _mirrored_replicas():
@@ -266,8 +260,7 @@ def test_xla_on_two_replicas_refused_before_restart_moves_the_run(digits, tmp_pa
   with in_process('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--restart',
                   '--strategy=mirrored', '--jit_compile') as result:
     assert result['code'] == 2
-    assert (f'--jit_compile on {_mirrored_replicas()} replicas needs --nosync_batch_norm'
-            in result['err'])
+    assert f'--jit_compile runs on one replica, not {_mirrored_replicas()}' in result['err']
   assert os.listdir(workdir) == ['config.json']  # not set aside
 
 

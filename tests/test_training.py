@@ -124,10 +124,11 @@ def test_strategies_in_one_process_do_not_share_collective_keys():
       np.testing.assert_array_equal(total, np.full([channels], 2.))
 
 
-def test_xla_under_mirrored_strategy_trains_as_without_it():
-  # XLA cannot compile a mirrored variable's assignment (a cross-replica merge): the running
-  # averages leave the compiled flow and are assigned after it.
-  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+def test_xla_under_a_one_replica_mirrored_strategy_trains_as_without_it():
+  # `launch.train` uses MirroredStrategy on one GPU. XLA cannot compile a mirrored variable's
+  # assignment (a cross-replica merge): the running averages leave the compiled flow and are
+  # assigned after it.
+  device = tf.config.list_logical_devices('CPU')[0].name
   config = SMALL.replace(sync_batch_norm=False, clipnorm=100.)
   reference = rn.RealNVP(config)
   randomize(reference.flow_layers, seed=2, scale=0.1, variance=(0.8, 1.2))
@@ -135,7 +136,7 @@ def test_xla_under_mirrored_strategy_trains_as_without_it():
   train = np.random.default_rng(4).uniform(0, 256, [32, 8, 8, 2]).astype(np.float32)
   results = {}
   for jit_compile in (False, True):
-    strategy = training.mirrored_strategy(devices)
+    strategy = training.mirrored_strategy([device])
     with strategy.scope():
       model = rn.RealNVP(config)
       model.set_weights(initial)
@@ -156,19 +157,23 @@ def test_xla_under_mirrored_strategy_trains_as_without_it():
   # tolerance.
   assert all(not np.allclose(weights[i], initial[i], rtol=1e-6, atol=0) for i in averages)
   assert max(np.abs(w - w0).max() for w, w0 in zip(weights, initial)) > 1e-2
+
+
+def test_xla_on_several_replicas_is_a_clear_error():
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
   with training.mirrored_strategy(devices).scope():
-    synchronized = rn.RealNVP(SMALL)
-    with pytest.raises(ValueError, match='needs each replica.s own batch statistics'):
-      synchronized.compile(jit_compile=True)
+    model = rn.RealNVP(SMALL.replace(sync_batch_norm=False))
+    with pytest.raises(ValueError, match='jit_compile=True runs on one replica, not 2'):
+      model.compile(jit_compile=True)
 
 
 def test_actnorm_initialises_outside_xla():
-  # The data-dependent initialisation all-reduces (which XLA cannot compile on several
-  # replicas): it runs outside the compiled flow, and training does not reuse its trace.
-  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
-  config = SMALL.replace(sync_batch_norm=False, normalization='actnorm')
+  # The data-dependent initialisation runs outside the compiled flow, and training does not
+  # reuse its trace.
+  device = tf.config.list_logical_devices('CPU')[0].name
+  config = SMALL.replace(normalization='actnorm')
   train = np.random.default_rng(5).uniform(0, 256, [32, 8, 8, 2]).astype(np.float32)
-  with training.mirrored_strategy(devices).scope():
+  with training.mirrored_strategy([device]).scope():
     model = rn.RealNVP(config)
     model.compile(jit_compile=True)
   assert model.needs_data_initialization()

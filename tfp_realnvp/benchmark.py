@@ -360,8 +360,8 @@ def collective_ops_per_step(model, strategy, batch):
 def replica_scaling(config, devices, options=Options(), report=print):
   """Training images/s on 1 replica and on all `devices` (a `MirroredStrategy` each), at the
   same global batch (`options.batch_size`, split over the replicas), with the collective ops per
-  step of each: a list of dicts. With `options.jit_compile`, the flow is compiled with XLA
-  (several replicas need `config.sync_batch_norm=False`; see `RealNVP.compile`)."""
+  step of each: a list of dicts (without XLA: `RealNVP.compile` takes `jit_compile` on one
+  replica only)."""
   b = options.batch_size
   if b % len(devices):
     raise ValueError(f'the global batch ({b}) must split evenly over {len(devices)} replicas.')
@@ -372,7 +372,7 @@ def replica_scaling(config, devices, options=Options(), report=print):
     strategy = mirrored_strategy(devices[:replicas])
     with strategy.scope():
       model = RealNVP(config)
-      model.compile(jit_compile=options.jit_compile)
+      model.compile()
     collectives = collective_ops_per_step(model, strategy, batch)
     first, median, _ = _train_step_timings(model, training_batches(data, b, seed=0),
                                            options.steps)

@@ -12,9 +12,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-from tensorflow_probability.python.internal import parameter_properties
-from tensorflow_probability.python.internal import reparameterization
-from tensorflow_probability.python.internal import samplers
 
 from tfp_realnvp.bijectors.base import _KerasVariables
 
@@ -93,15 +90,13 @@ class ClassConditionalNormal(tfd.Distribution):
       self._prior = prior
       self._keras_variables = _KerasVariables(lambda: [prior])  # tf.Module sees the variables
       super().__init__(dtype=tf.as_dtype(prior.variable_dtype),
-                       reparameterization_type=reparameterization.FULLY_REPARAMETERIZED,
+                       reparameterization_type=tfd.FULLY_REPARAMETERIZED,
                        validate_args=validate_args, allow_nan_stats=allow_nan_stats,
                        parameters=parameters, name=name)
 
   @classmethod
   def _parameter_properties(cls, dtype, num_classes=None):
-    return dict(labels=parameter_properties.ParameterProperties(
-        event_ndims=0, default_constraining_bijector_fn=parameter_properties
-        .BIJECTOR_NOT_IMPLEMENTED, is_preferred=False))
+    return dict(labels=tfp.util.ParameterProperties(event_ndims=0, is_preferred=False))
 
   @property
   def labels(self):
@@ -131,7 +126,8 @@ class ClassConditionalNormal(tfd.Distribution):
 
   def _sample_n(self, n, seed=None):
     loc, log_scale = self._prior.loc_and_log_scale(self._labels)
-    noise = samplers.normal(tf.concat([[n], tf.shape(loc)], 0), dtype=self.dtype, seed=seed)
+    noise = tf.random.stateless_normal(tf.concat([[n], tf.shape(loc)], 0),
+                                       tfp.random.sanitize_seed(seed), dtype=self.dtype)
     return loc + tf.exp(log_scale) * noise
 
   def _mean(self):

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_realnvp import compat, optimizers, presets  # noqa: F401 (optimizers: registers Adam)
+from tfp_realnvp import compat, presets
 from tfp_realnvp.bijectors.actnorm import (ActNorm, ActNormParameters, data_dependent_init,
                                            initializing)
 from tfp_realnvp.bijectors.base import batch_shape
@@ -71,7 +71,7 @@ class BitsPerDim(keras.metrics.Mean):
 
   def __init__(self, name='bits_per_dim', dtype=None):
     super().__init__(name=name, dtype=dtype)
-    self._direction = 'down'  # what Keras' monitor callbacks read
+    compat.lower_is_better(self)
 
   def update_state(self, y_true, y_pred, sample_weight=None):
     del y_true
@@ -102,8 +102,8 @@ def _compiled_with_running_averages_outside(forward_and_log_det):
 
   def forward_assigning_after(x, training=False, **kwargs):
     if initializing():
-      # ActNorm's data-dependent initialisation: not compiled. Its all-reduces cannot be on
-      # several replicas, and a trace holding it would serve training too (or the reverse).
+      # ActNorm's data-dependent initialisation: not compiled (a trace holding it would serve
+      # training too, or the reverse).
       return forward_and_log_det(x, training=training, **kwargs)
     y, log_det, bits = compiled(x, training=training, **kwargs)
     for variable, value in zip(updated[bool(training)], bits, strict=True):
@@ -496,10 +496,9 @@ class RealNVP(keras.Model):
     """Keras `compile` with the paper's optimizer by default (Adam, global-norm clipping) and
     the `bits_per_dim` metric (lower is better), before any `metrics` given.
 
-    `jit_compile=True` compiles the flow with XLA inside Keras' step (Keras' own
-    `jit_compile` fails under MirroredStrategy), the running averages assigned after it; on
-    several replicas it needs `sync_batch_norm=False` (XLA cannot compile the synchronized
-    statistics' all-reduces). With `compute_dtype='float16'` the optimizer is
+    `jit_compile=True` compiles the flow with XLA inside Keras' step, on one replica (Keras'
+    own `jit_compile` fails under MirroredStrategy, which `launch.train` uses on one GPU: the
+    running averages are assigned after the compiled flow). With `compute_dtype='float16'` the optimizer is
     wrapped in a `LossScaleOptimizer`. The compile arguments are saved with the model
     (`get_compile_config`): a `.keras` file loads compiled, optimizer state and step included,
     and trains on where it stopped.
@@ -513,14 +512,12 @@ class RealNVP(keras.Model):
     # Clipped by the global norm of the gradient summed over replicas, after the optimizer's
     # one all-reduce (`global_clipnorm` would clip each replica's part).
     compat.clip_after_all_reduce(optimizer, self.config.clipnorm)
-    if (jit_compile and self.config.sync_batch_norm and
-        self.distribute_strategy.num_replicas_in_sync > 1):
+    if jit_compile and self.distribute_strategy.num_replicas_in_sync > 1:
       raise ValueError(
-          f'jit_compile=True under {type(self.distribute_strategy).__name__} with '
-          f'{self.distribute_strategy.num_replicas_in_sync} replicas needs each replica\'s own '
-          'batch statistics: synchronized ones all-reduce inside the compiled flow, which XLA '
-          'cannot compile. Build the model with sync_batch_norm=False (--nosync_batch_norm), '
-          'or compile without jit_compile.')
+          f'jit_compile=True runs on one replica, not '
+          f'{self.distribute_strategy.num_replicas_in_sync} '
+          f'({type(self.distribute_strategy).__name__}): compile without jit_compile, or train '
+          'on one device.')
     self._flow_forward = (_compiled_with_running_averages_outside(self.flow.forward_and_log_det)
                           if jit_compile else self.flow.forward_and_log_det)
     metrics = list(metrics or [])
@@ -539,7 +536,9 @@ class RealNVP(keras.Model):
     # The metrics too: otherwise Keras builds them under a strategy by calling the model on a
     # symbolic batch of images alone, which a class-conditional model refuses (every layer is
     # built in __init__; the metrics take bits/dim, one per image).
-    self._compile_metrics.build(None, tf.zeros([1], self.config.dtype))
+    for metric in self.metrics:  # Keras' container of the compiled metrics
+      if hasattr(metric, 'build') and not metric.built:
+        metric.build(None, tf.zeros([1], self.config.dtype))
 
   def get_compile_config(self):
     """What `compile` was given, for `.keras` files (see `compile`)."""
@@ -579,8 +578,12 @@ class RealNVP(keras.Model):
     # One all-reduce per step: the optimizer's, which also clips (`compile`).
     self.optimizer.apply_gradients(zip(tape.gradient(scaled_loss, variables), variables))
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    self._loss_tracker.update_state(loss * replicas, sample_weight=batch_shape(images)[0])
+    self._loss_metric().update_state(loss * replicas, sample_weight=batch_shape(images)[0])
     return _for_keras_reduction(self.compute_metrics(images, None, bits))
+
+  def _loss_metric(self):
+    """Keras' own `loss` metric (the mean loss it reports), from the public `metrics`."""
+    return next(metric for metric in self.metrics if metric.name == 'loss')
 
   def _images_and_labels(self, data, what):
     images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -602,7 +605,7 @@ class RealNVP(keras.Model):
     bits = self(images, labels=labels, training=False)
     loss = self.compute_loss(x=images, y_pred=bits, training=False)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    self._loss_tracker.update_state(loss * replicas, sample_weight=batch_shape(images)[0])
+    self._loss_metric().update_state(loss * replicas, sample_weight=batch_shape(images)[0])
     return _for_keras_reduction(self.compute_metrics(images, None, bits))
 
   @tf.autograph.experimental.do_not_convert

@@ -3,7 +3,6 @@
 import math
 
 import keras
-from keras.src.backend.common.variables import AutocastScope
 from keras import ops
 import tensorflow as tf
 
@@ -378,30 +377,32 @@ class WeightNormConv2D(keras.layers.Layer):
   bias (zero): the last layer of a coupling network, which then starts as the identity.
   """
 
-  def __init__(self, filters, kernel_size=3, l2=0., zero_init=False, **kwargs):
+  def __init__(self, filters, kernel_size=3, l2=0., zero_init=False, autocast=True, **kwargs):
     super().__init__(**kwargs)
     self.filters, self.kernel_size, self.l2, self.zero_init = filters, kernel_size, l2, zero_init
+    self.autocast = autocast  # False: the weights stay in the variables' dtype under mixed precision
 
   def build(self, input_shape):
     k = self.kernel_size
     self.v = self.add_weight(shape=(k, k, input_shape[-1], self.filters), name='v',
-                             initializer=keras.initializers.HeNormal())
+                             initializer=keras.initializers.HeNormal(), autocast=self.autocast)
     self.g = self.add_weight(shape=(self.filters,), name='g',
                              initializer='zeros' if self.zero_init else 'ones',
-                             regularizer=L2(self.l2) if self.l2 else None)
-    self.bias = self.add_weight(shape=(self.filters,), name='bias', initializer='zeros')
+                             regularizer=L2(self.l2) if self.l2 else None, autocast=self.autocast)
+    self.bias = self.add_weight(shape=(self.filters,), name='bias', initializer='zeros',
+                                autocast=self.autocast)
 
   @property
   def weights_for_call(self):
-    """`(v, g, bias)` as tensors in the compute dtype."""
+    """`(v, g, bias)` as tensors in the compute dtype (with `autocast=False`, the variables')."""
     return _tensors(self.v, self.g, self.bias)
 
   def call(self, x):
-    return weight_norm_conv(x, *self.weights_for_call)
+    return weight_norm_conv(x, *(tf.cast(w, x.dtype) for w in self.weights_for_call))
 
   def get_config(self):
     return {**super().get_config(), 'filters': self.filters, 'kernel_size': self.kernel_size,
-            'l2': self.l2, 'zero_init': self.zero_init}
+            'l2': self.l2, 'zero_init': self.zero_init, 'autocast': self.autocast}
 
 
 class BatchNormalization(keras.layers.Layer):
@@ -617,7 +618,10 @@ class CouplingNet(keras.layers.Layer):
     self.hidden = ([BatchNormalization(momentum, EPSILON, synchronized, dtype=policy),
                     WeightNormConv2D(num_filters, 1, l2, dtype=policy)] if kind == 'glow' else [])
     self.norm_out = BatchNormalization(momentum, EPSILON, synchronized, dtype=policy)
-    self.conv_out = WeightNormConv2D(2 * channels, 3, l2, zero_init=True, dtype=policy)
+    # s and t come from the output convolution in the variables' dtype (float32 under mixed
+    # precision): its weights are not cast to the compute dtype.
+    self.conv_out = WeightNormConv2D(2 * channels, 3, l2, zero_init=True, autocast=False,
+                                     dtype=policy)
 
   def build(self, input_shape):
     features = (*input_shape[:-1], self.num_filters)
@@ -650,8 +654,7 @@ class CouplingNet(keras.layers.Layer):
     if not self.num_classes and labels is not None:
       raise ValueError(f'{self.name}: labels given to a network that is not class-conditional '
                        '(num_classes=0).')
-    with AutocastScope(None):  # the output convolution (s and t) runs in the variables' dtype
-      conv_out = self.conv_out.weights_for_call
+    conv_out = self.conv_out.weights_for_call  # in the variables' dtype (`autocast=False`)
     class_bias = []
     if self.num_classes:
       class_bias = [tf.gather(_tensors(self.class_embedding)[0], labels)[:, None, None, :]]
