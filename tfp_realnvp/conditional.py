@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_realnvp.bijectors.base import _KerasVariables
+from tfp_realnvp.distribution import FlowDistribution
 
 tfd = tfp.distributions
 
@@ -138,3 +139,111 @@ class ClassConditionalNormal(tfd.Distribution):
 
   def _mode(self):
     return self._mean()
+
+
+class ClassConditionalMethods:
+  """`RealNVP`'s class-conditional API (a mixin; `num_classes > 0`): labels checked against the
+  model, `p(x | y)` as a TFP distribution, the class prior, Bayes' classifier."""
+
+  def _labels(self, labels, images, what):
+    """`labels` as int32 `[N]` (one label is repeated for the batch of `images`), checked against
+    the model: required by a class-conditional model, refused by another, in [0, num_classes)
+    (a `LabelError` naming `what`). None for an unconditional model."""
+    if not self.num_classes:
+      if labels is not None:
+        raise LabelError(f'{self.name}.{what}: labels given to a model that is not '
+                         'class-conditional (num_classes=0); drop them, or train a model with '
+                         'num_classes set.')
+      return None
+    if labels is None:
+      raise LabelError(f'{self.name}.{what}: this model is class-conditional ({self.num_classes} '
+                       'classes): give labels (ints in [0, '
+                       f'{self.num_classes}), one per image).')
+    if isinstance(labels, bool):
+      raise LabelError(f'{self.name}.{what}: labels must be ints, got {labels!r} (pass '
+                       'training= by keyword).')
+    labels = tf.convert_to_tensor(labels)
+    if not labels.dtype.is_integer:
+      raise LabelError(f'{self.name}.{what}: labels must be integers, got {labels.dtype.name}.')
+    labels = tf.cast(labels, tf.int32)
+    count = None if images is None else tf.shape(images)[0]
+    if labels.shape.rank == 0 and count is not None:
+      labels = tf.fill([count], labels)
+    elif labels.shape.rank != 1:
+      raise LabelError(f'{self.name}.{what}: expected labels of shape [N] (one per image) or '
+                       f'one label, got shape {labels.shape}.')
+    elif images is not None and images.shape[:1].is_fully_defined() and labels.shape[
+        :1].is_fully_defined() and images.shape[0] != labels.shape[0]:
+      raise LabelError(f'{self.name}.{what}: {images.shape[0]} images but {labels.shape[0]} '
+                       'labels.')
+    static = tf.get_static_value(labels)
+    if static is not None:
+      bad = static[(static < 0) | (static >= self.num_classes)]
+      if bad.size:
+        raise LabelError(f'{self.name}.{what}: labels must be in [0, {self.num_classes}), got '
+                         f'{int(bad[0])}.')
+      return labels
+    checks = [tf.debugging.assert_non_negative(labels, message=f'{self.name}.{what}: labels must '
+                                               f'be in [0, {self.num_classes})'),
+              tf.debugging.assert_less(labels, self.num_classes, message=f'{self.name}.{what}: '
+                                       f'labels must be in [0, {self.num_classes})')]
+    if count is not None:
+      checks.append(tf.debugging.assert_equal(tf.size(labels), count, message=f'{self.name}.'
+                                              f'{what}: one label per image expected'))
+    with tf.control_dependencies(checks):
+      return tf.identity(labels)
+
+  def _require_classes(self, what):
+    if not self.num_classes:
+      raise LabelError(f'{self.name}.{what}: the model is not class-conditional (num_classes=0).')
+
+  def distribution_given(self, labels):
+    """`p(x | y)` for `labels` (int, any shape) as a TFP distribution: a `FlowDistribution`
+    (`TransformedDistribution(ClassConditionalNormal(labels), Invert(flow))`, the flow
+    conditioned on the labels) with batch shape `labels.shape`, reading the current weights at
+    every call. `sample()` gives one image per label; `log_prob(x)` takes `x`
+    `[*labels.shape, H, W, C]`. Class-conditional models only."""
+    self._require_classes('distribution_given')
+    labels = tf.convert_to_tensor(labels)
+    if not labels.dtype.is_integer:
+      raise LabelError(f'{self.name}.distribution_given: labels must be integers, got '
+                       f'{labels.dtype.name}.')
+    static = tf.get_static_value(labels)
+    if static is not None and np.any((static < 0) | (static >= self.num_classes)):
+      raise LabelError(f'{self.name}.distribution_given: labels must be in [0, '
+                       f'{self.num_classes}).')
+    labels = tf.cast(labels, tf.int32)
+    return FlowDistribution(ClassConditionalNormal(labels, self.prior), self.flow,
+                            labels=labels, name=f'{self.name}_given_labels')
+
+  def class_log_prior(self):
+    """`log p(y)` `[num_classes]`: the frequencies of the labels `fit` trained on (uniform
+    before any)."""
+    self._require_classes('class_log_prior')
+    return self.prior.log_class_prior()
+
+  def class_log_likelihoods(self, images, seed=None):
+    """`log p(x | y)` for every class: `[N, num_classes]`, each image dequantized once (the same
+    noise for every class; `seed` makes it repeatable)."""
+    self._require_classes('class_log_likelihoods')
+    pixels = self._pixels(images, 'uniform', seed)
+    count = tf.shape(pixels)[0]
+    return tf.stack([self.log_prob(pixels, tf.fill([count], k))
+                     for k in range(self.num_classes)], axis=-1)
+
+  def marginal_log_prob(self, images, seed=None):
+    """`log p(x) = log sum_y p(y) p(x | y)` (the class mixture, `model.distribution`'s density)
+    in nats, `[N]`, from `class_log_likelihoods`: the density to score images whose class is
+    unknown (e.g. out-of-distribution detection)."""
+    return tf.reduce_logsumexp(self.class_log_likelihoods(images, seed) + self.class_log_prior(),
+                               axis=-1)
+
+  def predict_proba(self, images, seed=None):
+    """The posterior `p(y | x) = p(x | y) p(y) / sum_y' p(x | y') p(y')`, `[N, num_classes]`,
+    with `p(y)` from the training labels (`class_log_prior`)."""
+    return tf.nn.softmax(self.class_log_likelihoods(images, seed) + self.class_log_prior(), -1)
+
+  def classify(self, images, seed=None):
+    """Bayes' classifier: `argmax_y log p(x | y) + log p(y)`, int32 `[N]`."""
+    return tf.argmax(self.class_log_likelihoods(images, seed) + self.class_log_prior(), -1,
+                     output_type=tf.int32)
