@@ -287,16 +287,3 @@ def test_each_network_runs_once_per_call_through_tfps_api(traced, monkeypatch):
     maybe_traced(fn)()
     assert sorted(calls) == sorted(id(net) for net in nets), name
 
-
-def test_readme_tfp_section_runs_as_written(capsys):
-  readme = open(__file__.replace('tests/test_distribution.py', 'README.md')).read()
-  section = readme[readme.index('## Use it as a TFP distribution'):]
-  code = section[section.index('```python\n') + 10:]
-  code = code[:code.index('```')]
-  namespace = {}
-  exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
-  out = capsys.readouterr().out
-  first, _, last = out.split('train bits/dim ')[1].split()[:3]
-  assert float(last) < float(first) - 0.5
-  assert out.strip().endswith('2')  # the learned prior's two variables join the flow's
-  assert namespace['dist'].name == 'digits'
