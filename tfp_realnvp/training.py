@@ -17,7 +17,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfp_realnvp import nets
 from tfp_realnvp.images import image_grid
 from tfp_realnvp.model import RealNVP, to_uint8
 from tfp_realnvp.presets import RealNVPConfig
@@ -266,82 +265,6 @@ def all_finite(variables):
   return bool(tf.reduce_all(checks)) if checks else True
 
 
-_VARIABLE_KEY = 'variables/{}/.ATTRIBUTES/VARIABLE_VALUE'
-_SLOT_KEY = 'optimizer/_variables/{}/.ATTRIBUTES/VARIABLE_VALUE'
-
-
-def legacy_variables(model):
-  """`(variable, index)` for each variable of a checkpoint written before the residual blocks'
-  weights were stacked (`nets.ResidualBlocks`; a layer and 14 variables per block), in that
-  checkpoint's order: the slice `variable[index]` (`index` None: the whole variable)."""
-  stacks = {}
-  for layer in model._flatten_layers():
-    if isinstance(layer, nets.ResidualBlocks):
-      stacks.update((id(v), layer) for v in layer.variables)
-  order, seen = [], set()
-  for variable in model.variables:
-    layer = stacks.get(id(variable))
-    if layer is None:
-      order.append((variable, None))
-    elif id(layer) not in seen:  # a layer's variables are consecutive in `model.variables`
-      seen.add(id(layer))
-      order.extend(layer.legacy_variables)
-  return order
-
-
-def _is_legacy(prefix, model):
-  """Whether the checkpoint `prefix` has the per-block layout that `legacy_variables` reads."""
-  count = sum(1 for key in tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-              if re.fullmatch(r'variables/\d+/\.ATTRIBUTES/VARIABLE_VALUE', key))
-  return count != len(model.variables) and count == len(legacy_variables(model))
-
-
-def read_legacy_checkpoint(prefix, model, with_optimizer=True):
-  """Restores a checkpoint of the per-block layout (see `legacy_variables`) into `model`, and
-  the optimizer's state (Adam's, step counter included) with `with_optimizer`. Every value is
-  read and checked (`ValueError` on a shape that does not fit) before any is assigned."""
-  reader = tf.train.load_checkpoint(prefix)
-  order = legacy_variables(model)
-  pieces = [(variable, index, _VARIABLE_KEY.format(k)) for k, (variable, index) in enumerate(order)]
-  scalars = []
-  if with_optimizer:
-    optimizer = model.optimizer
-    if not isinstance(optimizer, keras.optimizers.Adam) or optimizer.use_ema or \
-        optimizer.gradient_accumulation_steps or optimizer.amsgrad:
-      raise ValueError('a checkpoint of the per-block layout restores the optimizer of a plain '
-                       f'Adam only (no loss scaling, EMA, accumulation or AMSGrad), not '
-                       f'{type(optimizer).__name__}; the model alone restores (launch.evaluate, '
-                       'sample, score, export)')
-    # Adam's slots are a momentum and a velocity per trainable variable, interleaved, after the
-    # optimizer's own variables (its step and learning rate).
-    first_slot = [id(v) for v in optimizer.variables].index(id(optimizer._momentums[0]))
-    trainable = [(variable, index) for variable, index in order if variable.trainable]
-    for j, (variable, index) in enumerate(trainable):
-      i = optimizer._get_variable_index(variable)
-      pieces += [(optimizer._momentums[i], index, _SLOT_KEY.format(first_slot + 2 * j)),
-                 (optimizer._velocities[i], index, _SLOT_KEY.format(first_slot + 2 * j + 1))]
-    scalars = [(optimizer.iterations, 'optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE')]
-    if isinstance(optimizer._learning_rate, keras.Variable):
-      scalars.append((optimizer._learning_rate,
-                      'optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE'))
-  values = {}  # id(variable) -> (variable, its new value)
-  for variable, index, key in pieces:
-    value = reader.get_tensor(key)
-    _, array = values.setdefault(id(variable), (variable, np.array(variable.numpy())))
-    target = array if index is None else array[index]
-    if value.shape != target.shape:
-      raise ValueError(f'{key} has shape {list(value.shape)}, but {variable.path}'
-                       f'{"" if index is None else list(index)} has {list(target.shape)}')
-    if index is None:
-      array[...] = value
-    else:
-      array[index] = value
-  for variable, key in scalars:
-    values[id(variable)] = (variable, reader.get_tensor(key))
-  for variable, value in values.values():
-    variable.assign(value)
-
-
 class Checkpointer:
   """Model and optimizer state (step counter included) in `workdir/checkpoints/ckpt-STEP.*`,
   keeping the last `keep`.
@@ -406,13 +329,10 @@ class Checkpointer:
       else:
         checkpoint = tf.train.Checkpoint(variables=list(self.model.variables))
       try:
-        if _is_legacy(self._prefix(step), self.model):  # from before nets.ResidualBlocks
-          read_legacy_checkpoint(self._prefix(step), self.model, with_optimizer)
-        else:
-          status = checkpoint.read(self._prefix(step))  # `write`'s pair: no save counter
-          if not with_optimizer:
-            status.expect_partial()  # the optimizer's values are left in the file
-          status.assert_existing_objects_matched()
+        status = checkpoint.read(self._prefix(step))  # `write`'s pair: no save counter
+        if not with_optimizer:
+          status.expect_partial()  # the optimizer's values are left in the file
+        status.assert_existing_objects_matched()
         if not all_finite(variables):
           raise ValueError('it holds NaN or infinite values')
       except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError,
@@ -508,7 +428,6 @@ class Checkpointer:
     with tempfile.NamedTemporaryFile('w', dir=self.directory, delete=False, suffix='.tmp') as f:
       f.write('\n'.join(lines) + '\n')
     os.replace(f.name, path)
-
 
 
 class CheckpointEvery(keras.callbacks.Callback):
