@@ -52,9 +52,10 @@ def in_process(module, *args, required=('workdir',)):
     except SystemExit as e:
       result['code'] = e.code
     finally:
-      for lock in training._held_locks:  # an in-process train keeps its workdir lock: release it
+      # an in-process train keeps its workdir lock: release it
+      for lock in training.workdir._held_locks:
         lock.close()
-      training._held_locks.clear()
+      training.workdir._held_locks.clear()
   result.update(out=out.getvalue(), err=err.getvalue())
   yield result
 

@@ -64,6 +64,17 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     training.Checkpointer(str(tmp_path), model).restore_latest()
 
 
+def test_a_checkpoint_of_another_model_is_refused_with_the_shapes(tmp_path):
+  model = rn.RealNVP(CONFIG)
+  model.compile()
+  training.Checkpointer(str(tmp_path), model).save()
+  other = rn.RealNVP(rn.RealNVPConfig((8, 8, 1), num_scales=2, num_blocks=1, num_filters=3))
+  other.compile()
+  with pytest.raises(training.RunError, match=r'None of the 1 checkpoints .* loads \(ckpt-0 '
+                     r'\(ValueError: .*shape \(1, 2, 3, 3, 4, 4\).* shape \(1, 2, 3, 3, 3, 3\)'):
+    training.Checkpointer(str(tmp_path), other).restore_latest()
+
+
 def test_run_config_must_match_to_resume(tmp_path):
   run = {'model': CONFIG.to_dict(), 'data': {'dataset': 'npz:a', 'data_dir': None,
                                              'image_size': None}, 'train': {'epochs': 1}}

@@ -538,15 +538,6 @@ class ResidualBlocks(keras.layers.Layer):
     """Running averages <- `residual_blocks`' updates (none in inference)."""
     _assign((self.moving_mean, self.moving_variance), updated)
 
-  @property
-  def legacy_variables(self):
-    """`(variable, index)` in the order of the layer per block that this layer replaced (each
-    block's batch norm, convolution, batch norm, convolution; `gamma, beta, moving_mean,
-    moving_variance` and `v, g, bias`): how checkpoints from before it map onto it."""
-    return [(variable, (b, unit)) for b in range(self.num_blocks) for unit in (0, 1)
-            for variable in (self.gamma, self.beta, self.moving_mean, self.moving_variance,
-                             self.v, self.g, self.bias)]
-
   def call(self, x, training=False):
     y, updated = residual_blocks(x, self.weights_for_call, bool(training), self.momentum,
                                  EPSILON, self.synchronized)
