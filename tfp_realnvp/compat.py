@@ -13,6 +13,8 @@ GRADIENT_ALL_REDUCE = 'gradient_all_reduce'  # the name scope of the step's one 
 # The private members used here, for the test that fails clearly where one has moved.
 KERAS_OPTIMIZER_ALL_REDUCE = '_all_reduce_sum_gradients'
 KERAS_METRIC_DIRECTION = '_direction'
+TF_MIRRORED_KEY_BASE = '_collective_key_base'
+_COLLECTIVE_KEYS_PER_STRATEGY = 1_000_000
 
 
 def clip_after_all_reduce(optimizer, clipnorm):
@@ -59,3 +61,22 @@ def lower_is_better(metric):
   own loss-wrapping metrics set it the same way. Returns `metric`."""
   setattr(metric, KERAS_METRIC_DIRECTION, 'down')
   return metric
+
+
+def mirrored_strategy(devices=None):
+  """`tf.distribute.MirroredStrategy(devices)` whose collective ops cannot collide with those of
+  an earlier one in this process.
+
+  What it buys: more than one MirroredStrategy in a process (`launch.benchmark --replicas`
+  trains on 1 and N replicas; tests). TF numbers every MirroredStrategy's collective keys from
+  the same class attribute, so a second strategy over the same devices reuses the first one's
+  keys, and its first all-reduce of another shape fails for good ('Shape mismatch in the
+  collective instance 100 ... Restart your program to reset', TF 2.21). TF's own tests move the
+  same attribute; no public API sets the keys (`cross_device_ops=ReductionToOneDevice()` avoids
+  collectives on CPUs only: with every device a GPU, MirroredStrategy uses them anyway).
+  """
+  base = getattr(tf.distribute.MirroredStrategy, TF_MIRRORED_KEY_BASE)
+  setattr(tf.distribute.MirroredStrategy, TF_MIRRORED_KEY_BASE,
+          base + _COLLECTIVE_KEYS_PER_STRATEGY)
+  return tf.distribute.MirroredStrategy(devices)
+

@@ -83,13 +83,7 @@ class EpochProgbar(keras.callbacks.ProgbarLogger):
 
   def set_params(self, params):
     super().set_params(params)
-    self.epochs = self.total_epochs
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self._reset_progbar()
-    self._maybe_init_progbar()
-    if self.verbose:
-      print(f'Epoch {epoch + 1}/{self.total_epochs}', flush=True)
+    self.epochs = self.total_epochs  # what Keras' bar prints: 'Epoch {epoch + 1}/{epochs}'
 
 
 class ProgressLines(keras.callbacks.Callback):

@@ -5,6 +5,7 @@ import os
 
 import tensorflow as tf
 
+from tfp_realnvp.compat import mirrored_strategy
 from tfp_realnvp.training.errors import RunError
 
 
@@ -27,18 +28,6 @@ def build_strategy(name='auto'):
   if name == 'mirrored':
     return mirrored_strategy([d.name for d in (gpus or tf.config.list_logical_devices('CPU'))])
   return mirrored_strategy() if gpus else tf.distribute.get_strategy()
-
-
-_COLLECTIVE_KEYS_PER_STRATEGY = 1_000_000
-
-
-def mirrored_strategy(devices=None):
-  """`tf.distribute.MirroredStrategy(devices)` whose collective ops cannot collide with those of
-  an earlier one in this process: TF numbers every MirroredStrategy's collective keys from the
-  same start, so a second strategy over the same devices reused the first one's keys and its
-  collectives failed ('Shape mismatch in the collective instance')."""
-  tf.distribute.MirroredStrategy._collective_key_base += _COLLECTIVE_KEYS_PER_STRATEGY
-  return tf.distribute.MirroredStrategy(devices)
 
 
 def split_cpu(num_devices):
