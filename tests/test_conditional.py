@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.special
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from conftest import log_det_by_autodiff, randomize
 from bijector_test_util import REGIMES, fresh, in_regime
@@ -14,6 +15,8 @@ import tfp_realnvp as rn
 from tfp_realnvp import training
 from tfp_realnvp.bijectors import latent_groups
 from tfp_realnvp.conditional import LabelError
+
+tfd = tfp.distributions
 
 TINY = rn.RealNVPConfig((8, 8, 1), num_scales=2, num_blocks=1, num_filters=4, num_classes=3)
 
@@ -139,6 +142,14 @@ def test_sampling_a_chosen_class_decodes_its_gaussian():
   assert given.sample(seed=(1, 2)).shape == (2, 8, 8, 1)
   assert given.sample(3, seed=(1, 2)).shape == (3, 2, 8, 8, 1)
   assert model.distribution.sample(2, seed=(1, 2)).shape == (2, 8, 8, 1)
+  # Both go into a tf.function as TFP's distributions do, with the model's variables.
+  x = model.sample(2, seed=3, labels=[0, 1])
+  log_prob = tf.function(lambda d, x: d.log_prob(x))
+  np.testing.assert_allclose(log_prob(given, x), model.log_prob(x, [0, 1]), rtol=1e-10)
+  np.testing.assert_allclose(log_prob(model.distribution, x), model.distribution.log_prob(x),
+                             rtol=1e-10)
+  assert {id(v) for v in tfd.Sample(model.distribution, 2).trainable_variables} == {
+      id(v.value) for v in model.trainable_variables}
 
 
 @pytest.mark.parametrize('regime', REGIMES)

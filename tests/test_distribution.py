@@ -104,9 +104,7 @@ def test_samples_are_scored_with_the_current_weights():
   np.testing.assert_allclose(log_prob, model.log_prob(samples), rtol=1e-4)
 
 
-def test_a_one_pass_scope_keeps_nothing_beyond_itself(monkeypatch):
-  from tfp_realnvp.bijectors import base
-  monkeypatch.setattr(base._ScopedCache, '_storages', [])  # as in a fresh process
+def test_a_one_pass_scope_keeps_nothing_beyond_itself():
   model = rn.RealNVP(DIGITS)
   x = _float_pixels(np.full([2, 8, 8, 1], 90, np.uint8))
   with rn.bijectors.one_pass():  # a log-det is the first thing ever cached
@@ -158,6 +156,40 @@ def test_variables_are_the_models_and_a_gradient_tape_loop_trains_them(digits):
   after = float(tf.reduce_mean(-dist.log_prob(test_pixels))) / (64 * math.log(2.))
   print(f'test bits/dim by a GradientTape loop: {before:.3f} -> {after:.3f}')
   assert after < before - 0.3
+
+
+def test_it_is_tfps_transformed_distribution_and_a_composite_tensor():
+  model = rn.RealNVP(DIGITS)
+  dist = model.distribution
+  assert isinstance(dist, tfd.TransformedDistribution)
+  assert isinstance(dist, tf.__internal__.CompositeTensor)
+  # tf.nest sees the model's variables (TFP's own distributions show theirs the same way).
+  leaves = tf.nest.flatten(dist, expand_composites=True)
+  assert {id(v) for v in leaves if isinstance(v, tf.Variable)} == {
+      id(v.value) for v in model.variables}
+  rebuilt = tf.nest.pack_sequence_as(dist, leaves, expand_composites=True)
+  x = _float_pixels(np.full([4, 8, 8, 1], 100, np.uint8))
+  np.testing.assert_allclose(rebuilt.log_prob(x), dist.log_prob(x), rtol=1e-6)
+  # An argument of a tf.function: one trace, the current weights, gradients on the variables.
+  traces = []
+
+  @tf.function
+  def loss_and_gradients(d, x):
+    traces.append(None)
+    with tf.GradientTape() as tape:
+      loss = -tf.reduce_mean(d.log_prob(x))
+    return loss, tape.gradient(loss, d.trainable_variables)
+
+  loss, gradients = loss_and_gradients(dist, x)
+  assert len(gradients) == len(model.trainable_variables)
+  assert all(g is not None for g in gradients)
+  for layer in model.flow_layers:
+    if isinstance(layer, rn.CouplingNet):
+      layer.conv_out.bias.assign(tf.fill(layer.conv_out.bias.shape, 0.2))
+  loss_after, _ = loss_and_gradients(dist.copy(), x)
+  assert len(traces) == 1
+  assert abs(float(loss_after - loss)) > 1.
+  np.testing.assert_allclose(loss_after, -tf.reduce_mean(model.log_prob(x)), rtol=1e-5)
 
 
 def test_event_shapes_keep_leading_dims_and_check_the_event():

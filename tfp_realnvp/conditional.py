@@ -73,19 +73,24 @@ class ClassConditionalPrior(keras.layers.Layer):
     self.class_counts.assign_add(counts)
 
 
-class ClassConditionalNormal(tfd.Distribution):
+class ClassConditionalNormal(tfd.AutoCompositeTensorDistribution):
   """`N(mu_y, diag(sigma_y^2))` on `[H, W, C]` latents for the classes `labels` (batch shape
   `labels.shape`), from a `ClassConditionalPrior`'s variables, read at each call (never stale):
 
     log p(z | y) = sum_i -((z_i - mu_y,g(i)) / sigma_y,g(i))^2 / 2 - log sigma_y,g(i) - log(2 pi) / 2
 
   with `g(i)` the latent group of element `i`. `trainable_variables` are the prior's `loc` and
-  `log_scale`.
+  `log_scale`. A `CompositeTensor`, as TFP's distributions (through `tf.nest`, into a
+  `tf.function`); `prior_variables` is not an input (see `FlowDistribution`'s `flow_variables`):
+  it puts the prior's `tf.Variable`s in the type spec, what TFP passes back is only handed back,
+  and the prior's own variables are always read.
   """
 
   def __init__(self, labels, prior, validate_args=False, allow_nan_stats=True,
-               name='class_conditional_normal'):
+               name='class_conditional_normal', prior_variables=None):
     parameters = dict(locals())
+    del parameters['prior_variables']  # not a parameter (see the class docstring)
+    self._given_prior_variables = None if prior_variables is None else lambda: prior_variables
     with tf.name_scope(name) as name:
       self._labels = tf.convert_to_tensor(labels, tf.int32, name='labels')
       self._prior = prior
@@ -106,6 +111,13 @@ class ClassConditionalNormal(tfd.Distribution):
   @property
   def prior(self):
     return self._prior
+
+  @property
+  def prior_variables(self):
+    """The prior's `tf.Variable`s: the type spec's part (as TFP passed it back, if it did)."""
+    if self._given_prior_variables is not None:
+      return self._given_prior_variables()
+    return tuple(getattr(v, 'value', v) for v in self._prior.weights)
 
   def _event_shape(self):
     return tf.TensorShape(self._prior.groups.shape)

@@ -2,79 +2,30 @@
 
 TFP asks a bijector for its transform and its log-det in two calls; a coupling layer would run its
 network twice. Every bijector here computes both from one call (`forward_and_log_det`,
-`inverse_and_log_det`), and TFP's four hooks are thin views of those two.
+`inverse_and_log_det`), and TFP's entry points are thin views of those two.
 
 Caching. TFP's bijector cache keys results on the input tensor and keeps them as long as that
-tensor lives, so after the weights change it would return the old transform and log-det. Here the
-cache holds results only inside a `one_pass()` scope (which `FlowDistribution` opens around each
-of its methods) and is emptied when the scope ends: within one `log_prob` or `sample` call the
-log-det computed with the transform is handed to TFP (as TFP's `FFJORD` does), and no result ever
-outlives the call, so it cannot outlive the weights it was computed with. Outside a scope, every
-call computes afresh.
+tensor lives, so after the weights change it would return the old transform and log-det. These
+bijectors never use it: `forward`, `inverse` and the two log-det methods are overridden (as TFP's
+own `tfb.Invert` overrides them) to compute afresh at every call, and `FlowDistribution` gets one
+pass per call from the one-pass methods directly. Nothing outlives a call, so nothing can outlive
+the weights it was computed with.
 """
 
 import collections.abc
 import contextlib
-import threading
 
 import tensorflow as tf
 import tensorflow_probability as tfp
-from tensorflow_probability.python.internal import cache_util
 
 tfb = tfp.bijectors
-
-_scope = threading.local()
 
 
 @contextlib.contextmanager
 def one_pass():
-  """Within this block, TFP's calls on the same tensor share one pass of each `FlowBijector`.
-
-  E.g. TFP's `TransformedDistribution.log_prob(y)` asks for `inverse(y)` and then for the log-det
-  at `y`; inside `one_pass()` the second is the log-det computed with the first. Every cached
-  result is dropped when the outermost block ends. Do not change the weights inside the block.
-  """
-  depth = getattr(_scope, 'depth', 0)
-  _scope.depth = depth + 1
-  try:
-    yield
-  finally:
-    _scope.depth = depth
-    if depth == 0:
-      _ScopedCache.clear_all()
-
-
-def _in_one_pass():
-  return getattr(_scope, 'depth', 0) > 0
-
-
-class _ScopedCache(cache_util.BijectorCacheWithGreedyAttrs):
-  """TFP's cache with the log-det as a greedy attribute, active only inside `one_pass()`."""
-
-  _storages = []  # every storage that may hold entries (one, shared by the bound copies)
-
-  def _lookup(self, input, forward_name, inverse_name, **kwargs):  # pylint: disable=redefined-builtin
-    if not _in_one_pass():
-      return self._invoke(input, forward_name, kwargs, {})
-    self._register()
-    return super()._lookup(input, forward_name, inverse_name, **kwargs)
-
-  def _attributes(self, input, fn_name, **kwargs):  # pylint: disable=redefined-builtin
-    if not _in_one_pass():
-      return {}  # nothing cached: TFP computes the log-det afresh
-    self._register()
-    return super()._attributes(input, fn_name, **kwargs)
-
-  def _register(self):
-    if not any(s is self.storage for s in _ScopedCache._storages):
-      _ScopedCache._storages.append(self.storage)
-
-  @classmethod
-  def clear_all(cls):
-    for storage in cls._storages:
-      for key in list(storage.keys()):
-        key.cancel()
-        storage.pop(key, None)
+  """Kept for compatibility: a no-op. Nothing is cached, and `FlowDistribution` runs each network
+  once per call without it."""
+  yield
 
 
 class _KerasVariables(collections.abc.Mapping):
@@ -128,9 +79,6 @@ class FlowBijector(tfb.Bijector):
 
   # Whether `_forward_and_log_det` / `_inverse_and_log_det` take `labels` (a third argument).
   _takes_labels = False
-
-  # TFP's cache, holding the one-pass log-det beside the value, but only inside `one_pass()`.
-  _cache = _ScopedCache(forward_name='_augmented_forward', inverse_name='_augmented_inverse')
 
   def __init__(self, event_shape, validate_args=False, parameters=None, name=None,
                dtype=tf.float32, is_constant_jacobian=False):
@@ -225,16 +173,50 @@ class FlowBijector(tfb.Bijector):
     y = tf.reshape(y, tf.concat([leading, y.shape[-3:].as_list()], axis=0))
     return y, tf.reshape(log_det, leading)
 
-  # TFP's hooks, all views of the two one-pass methods. The cache calls the `_augmented_*` pair
-  # and keeps the log-det as the attribute 'ildj' (log|det| of the inverse at the pair).
-  def _augmented_forward(self, x, training=False, labels=None):
-    y, log_det = self.forward_and_log_det(x, training, labels)
-    return y, {'ildj': -log_det}
+  # TFP's public entry points, computed afresh (TFP's versions would go through its cache, keyed
+  # on the input tensor, and return an old value after the weights change).
+  def forward(self, x, name='forward', **kwargs):
+    with tf.name_scope(self.name), tf.name_scope(name):
+      return self.forward_and_log_det(self._converted(x), **kwargs)[0]
 
-  def _augmented_inverse(self, y, training=False, labels=None):
-    x, log_det = self.inverse_and_log_det(y, training, labels)
-    return x, {'ildj': log_det}
+  def inverse(self, y, name='inverse', **kwargs):
+    with tf.name_scope(self.name), tf.name_scope(name):
+      return self.inverse_and_log_det(self._converted(y), **kwargs)[0]
 
+  def forward_log_det_jacobian(self, x, event_ndims=None, name='forward_log_det_jacobian',
+                               **kwargs):
+    with tf.name_scope(self.name), tf.name_scope(name):
+      log_det = self.forward_and_log_det(self._converted(x), **kwargs)[1]
+      return self._summed_over_event(log_det, event_ndims)
+
+  def inverse_log_det_jacobian(self, y, event_ndims=None, name='inverse_log_det_jacobian',
+                               **kwargs):
+    with tf.name_scope(self.name), tf.name_scope(name):
+      log_det = self.inverse_and_log_det(self._converted(y), **kwargs)[1]
+      return self._summed_over_event(log_det, event_ndims)
+
+  def _converted(self, x):
+    return tf.convert_to_tensor(x, dtype_hint=self.dtype)
+
+  def _summed_over_event(self, log_det, event_ndims):
+    """The per-`[H, W, C]` log-det summed over the event dims before those (`event_ndims` > 3)."""
+    if event_ndims is None:
+      return log_det
+    static = tf.get_static_value(event_ndims)
+    if static is not None:
+      extra = int(static) - 3
+      if extra < 0:
+        raise ValueError(f'{self.name}: event_ndims must be at least 3, got {int(static)}.')
+      return tf.reduce_sum(log_det, axis=list(range(-extra, 0))) if extra else log_det
+    extra = tf.cast(event_ndims, tf.int32) - 3
+    checks = [tf.debugging.assert_non_negative(
+        extra, message=f'{self.name}: event_ndims must be at least 3')] if self.validate_args else []
+    with tf.control_dependencies(checks):
+      rank = tf.rank(log_det)
+      return tf.reduce_sum(log_det, axis=tf.range(rank - extra, rank))
+
+  # TFP's subclass hooks (not reached through the entry points above; kept for TFP code that
+  # calls them), views of the two one-pass methods.
   def _forward(self, x, training=False, labels=None):
     return self.forward_and_log_det(x, training, labels)[0]
 
