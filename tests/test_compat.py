@@ -15,6 +15,15 @@ def test_keras_optimizers_still_all_reduce_in_the_method_compat_wraps():
       'compat.clip_after_all_reduce needs another way to clip the summed gradient.')
 
 
+def test_keras_adam_still_has_what_the_fused_adam_overrides_and_reads():
+  adam = keras.optimizers.Adam()
+  adam.build([keras.Variable(np.zeros([2], 'float32'))])
+  for name in ('_backend_update_step', '_distributed_tf_update_step', '_momentums',
+               '_velocities', '_get_variable_index'):
+    assert hasattr(adam, name), (f'Keras {keras.__version__} has no Adam.{name}: compat.Adam '
+                                 '(the fused Adam) needs updating, or use keras.optimizers.Adam.')
+
+
 def test_mirrored_strategy_still_numbers_its_collective_keys_from_the_attribute_compat_moves():
   assert isinstance(getattr(tf.distribute.MirroredStrategy, compat.TF_MIRRORED_KEY_BASE, None),
                     int), (f'TF {tf.__version__} has no MirroredStrategy.'

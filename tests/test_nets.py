@@ -1,21 +1,71 @@
-"""The coupling networks' layers (`tfp_realnvp.nets`) and the clipping of the summed gradient (`compat`)."""
+"""The coupling networks' layers (`tfp_realnvp.nets`) the fused Adam and the clipping of the summed gradient (`compat`)."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfp_realnvp import compat, nets, optimizers, training
+from tfp_realnvp import compat, nets, training
 from conftest import randomize
 
 
-def test_the_adam_that_earlier_files_name_loads_as_keras_adam():
-  # `.keras` files saved with an explicit optimizer name `tfp_realnvp>Adam` (a fused Adam once).
-  config = keras.saving.serialize_keras_object(optimizers.Adam(learning_rate=0.01))
-  assert config['registered_name'] == 'tfp_realnvp>Adam'
-  restored = keras.saving.deserialize_keras_object(config)
-  assert isinstance(restored, keras.optimizers.Adam)
-  assert float(restored.learning_rate) == pytest.approx(0.01)
+def _adam_steps(optimizer, dtype, steps=5):
+  rng = np.random.default_rng(0)
+  variables = [keras.Variable(rng.normal(size=shape).astype(dtype)) for shape in ([3, 4], [5])]
+  optimizer.build(variables)
+  initial = [v.numpy() for v in variables]
+
+  @tf.function
+  def step(i):
+    gradients = [tf.sin(v.value * (i + 1.)) * 3. for v in variables]
+    optimizer.apply_gradients(zip(gradients, variables))
+  for i in range(steps):
+    step(tf.constant(i, dtype))
+  return initial, [v.numpy() for v in variables]
+
+
+def _adam_by_hand(initial, steps=5, lr=0.1, beta_1=0.8, beta_2=0.95, epsilon=1e-3, clipnorm=2.):
+  variables = [w.copy() for w in initial]
+  m = [np.zeros_like(w) for w in variables]
+  v = [np.zeros_like(w) for w in variables]
+  lr = float(np.float32(lr))  # Keras keeps the learning rate in a float32 variable
+  for t in range(1, steps + 1):
+    gradients = [np.sin(w * t) * 3. for w in variables]
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in gradients))
+    gradients = [g * min(1., clipnorm / norm) for g in gradients]
+    for w, mw, vw, g in zip(variables, m, v, gradients):
+      mw += (1. - beta_1) * (g - mw)
+      vw += (1. - beta_2) * (g ** 2 - vw)
+      w -= lr * np.sqrt(1. - beta_2 ** t) / (1. - beta_1 ** t) * mw / (np.sqrt(vw) + epsilon)
+  return variables
+
+
+def test_fused_adam_is_adam():
+  kwargs = dict(learning_rate=0.1, beta_1=0.8, beta_2=0.95, epsilon=1e-3, global_clipnorm=2.)
+  initial, ours = _adam_steps(compat.Adam(**kwargs), 'float64')
+  for a, b in zip(ours, _adam_by_hand(initial)):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+  # And Keras' Adam, within float32 rounding.
+  _, fused = _adam_steps(compat.Adam(**kwargs), 'float32')
+  _, keras_ = _adam_steps(keras.optimizers.Adam(**kwargs), 'float32')
+  for a, b in zip(fused, keras_):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_fused_adam_casts_its_step_constants_once_per_dtype_not_per_variable():
+  def casts(count):
+    variables = [keras.Variable(np.ones([2], 'float32')) for _ in range(count)]
+    optimizer = compat.Adam(0.1)
+    optimizer.build(variables)
+    graph = tf.function(lambda: optimizer.apply_gradients(
+        [(tf.ones([2]), v) for v in variables])).get_concrete_function().graph
+    return sum(op.type == 'Cast' for op in graph.get_operations())
+  assert casts(2) == casts(12)  # a cast per variable made Casts 6 per variable
+
+
+def test_fused_adam_refuses_amsgrad():
+  with pytest.raises(ValueError, match='amsgrad'):
+    compat.Adam(amsgrad=True)
 
 
 @pytest.mark.parametrize('sparse', [False, True])

@@ -6,6 +6,7 @@ checks that what it reaches for is still there and fails with a message naming i
 where it moved (checked on TF 2.21, Keras 3.15, TFP 0.25).
 """
 
+import keras
 import tensorflow as tf
 
 GRADIENT_ALL_REDUCE = 'gradient_all_reduce'  # the name scope of the step's one gradient all-reduce
@@ -80,3 +81,78 @@ def mirrored_strategy(devices=None):
           base + _COLLECTIVE_KEYS_PER_STRATEGY)
   return tf.distribute.MirroredStrategy(devices)
 
+
+def _resource(variable):
+  """The resource variable behind a Keras variable (under `tf.distribute.Strategy.update`, the
+  handle is the current replica's)."""
+  return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+@keras.saving.register_keras_serializable(package='tfp_realnvp')
+class Adam(keras.optimizers.Adam):
+  """`keras.optimizers.Adam` (same arguments, slots and checkpoints) with fused updates.
+
+  What it buys (measured 2026-12-07 on 2 cores of an AMD EPYC, `fit` on the small MNIST model:
+  the `mnist` preset with 2 blocks of 16 features, float32, batch 64; three runs each, side by
+  side; docs/design.md): first step 7.6 to 8.5 s with Keras' Adam, 3.8 to 4.1 s with this one,
+  steps about 6% faster. Keras writes each update as some twenty ops of its `ops` layer, traced
+  per variable under the strategy's per-variable update; this is one `ResourceApplyAdam` per
+  variable with `beta^t` computed once per step. It overrides Keras' private
+  `_backend_update_step` and `_distributed_tf_update_step` and reads the private slots
+  `_momentums` / `_velocities` (Keras' public `update_step` cannot find a variable's slots
+  without them).
+
+  With `g` the gradient, `t` the step (from 1), per variable:
+
+    m <- beta_1 m + (1 - beta_1) g
+    v <- beta_2 v + (1 - beta_2) g^2
+    w <- w - lr sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + epsilon)
+
+  exactly Keras' arithmetic, as one `ResourceApplyAdam` op; `beta^t` is computed once per step
+  for all variables. `amsgrad` is not supported. Clipping, weight decay and loss scaling
+  (`LossScaleOptimizer`) work as in Keras: they happen before the update.
+
+  Example:
+    model.compile(optimizer=tfp_realnvp.optimizers.Adam(1e-3, global_clipnorm=100.))
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    if self.amsgrad:
+      raise ValueError('tfp_realnvp.optimizers.Adam does not support amsgrad=True; use '
+                       'keras.optimizers.Adam.')
+    self._constants = None
+
+  def _constants_in(self, dtype):
+    """This step's constants (see `_backend_update_step`) in `dtype`, cast once per dtype (a
+    cast per variable was 6 ops times 890 variables in a `cifar10` step's graph)."""
+    if dtype.name not in self._constants:  # (names: Keras tracks this dict, by string keys)
+      self._constants[dtype.name] = {k: tf.cast(c, dtype)
+                                     for k, c in self._constants['float64'].items()}
+    return self._constants[dtype.name]
+
+  def _backend_update_step(self, grads, trainable_variables, learning_rate):
+    step = tf.cast(self.iterations + 1, tf.float64)
+    scalar = lambda value: tf.constant(value, tf.float64)  # noqa: E731
+    self._constants = {'float64': {  # cast to each variable's dtype in `update_step`
+        'beta1_power': tf.pow(scalar(self.beta_1), step),
+        'beta2_power': tf.pow(scalar(self.beta_2), step),
+        'lr': tf.cast(learning_rate, tf.float64), 'beta1': scalar(self.beta_1),
+        'beta2': scalar(self.beta_2), 'epsilon': scalar(self.epsilon)}}
+    super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+  def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+    if tf.distribute.has_strategy():  # each replica's copy of each variable, as Keras does
+      return super()._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+    # No strategy: the updates directly (Keras' per-variable `extended.update` machinery was a
+    # tenth of tracing a `cifar10` step).
+    for gradient, variable in grads_and_vars:
+      self.update_step(gradient, variable, learning_rate)
+
+  def update_step(self, gradient, variable, learning_rate):
+    index = self._get_variable_index(variable)
+    dtype = tf.as_dtype(variable.dtype)
+    tf.raw_ops.ResourceApplyAdam(
+        var=_resource(variable).handle, m=_resource(self._momentums[index]).handle,
+        v=_resource(self._velocities[index]).handle, grad=tf.cast(gradient, dtype),
+        **self._constants_in(dtype))

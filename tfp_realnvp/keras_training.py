@@ -2,6 +2,8 @@
 predict steps on bits/dim, the compile config saved in `.keras` files, the `bits_per_dim`
 metric, XLA for the flow, and Glow's data-dependent ActNorm initialisation before `fit`."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -87,6 +89,32 @@ def _compiled_with_running_averages_outside(forward_and_log_det):
   return forward_assigning_after
 
 
+# Grappler's passes that changed no node of the training step's graphs on CPUs (TF's log,
+# `TF_CPP_VMODULE=meta_optimizer=1`, before issue 26): the layout optimizer and the remapper (its
+# convolution-bias fusion oneDNN makes anyway) only matter on GPUs.
+_UNUSED_PASSES = ('loop_optimization', 'function_optimization', 'implementation_selector',
+                  'constant_folding', 'shape_optimization')
+_UNUSED_PASSES_ON_CPUS = ('layout_optimizer', 'remapping')
+
+
+@contextlib.contextmanager
+def lighter_graph_optimization():
+  """Inside, TF optimizes the graphs it instantiates without grappler's passes that change
+  nothing in a training step (`_UNUSED_PASSES`; on a machine without GPUs also
+  `_UNUSED_PASSES_ON_CPUS`); a pass the user set (`tf.config.optimizer.set_experimental_options`)
+  is kept as set. TF reads these options when a function first runs: `fit` runs inside this.
+  Afterwards the passes are on again (as TF's defaults have them). Measured: docs/design.md."""
+  passes = _UNUSED_PASSES + (() if tf.config.list_logical_devices('GPU') else
+                             _UNUSED_PASSES_ON_CPUS)
+  turned_off = [name for name in passes
+                if name not in tf.config.optimizer.get_experimental_options()]
+  tf.config.optimizer.set_experimental_options({name: False for name in turned_off})
+  try:
+    yield
+  finally:
+    tf.config.optimizer.set_experimental_options({name: True for name in turned_off})
+
+
 class KerasTraining:
   """`RealNVP`'s Keras methods (a mixin of `keras.Model`; see `RealNVP`)."""
 
@@ -120,10 +148,12 @@ class KerasTraining:
 
   def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
     """Keras `fit`; a model with `ActNorm` not yet set from data is first set from the first
-    batch of `x` (`initialize_from_data`)."""
+    batch of `x` (`initialize_from_data`). TF optimizes the step's graphs without grappler's
+    passes that change nothing there (`lighter_graph_optimization`)."""
     if self.needs_data_initialization():
       self.initialize_from_data(*_first_batch(x, y, batch_size))
-    return super().fit(x, y, batch_size, *args, **kwargs)
+    with lighter_graph_optimization():
+      return super().fit(x, y, batch_size, *args, **kwargs)
 
   def compile(self, optimizer=None, jit_compile=False, metrics=None, **kwargs):
     """Keras `compile` with the paper's optimizer by default (Adam, global-norm clipping) and
@@ -138,7 +168,7 @@ class KerasTraining:
     """
     given_optimizer = optimizer
     if optimizer is None:
-      optimizer = keras.optimizers.Adam(self.config.learning_rate)
+      optimizer = compat.Adam(self.config.learning_rate)
     if self.config.compute_dtype == 'float16' and not isinstance(
         optimizer, keras.optimizers.LossScaleOptimizer):
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
