@@ -103,16 +103,16 @@ def lighter_graph_optimization():
   nothing in a training step (`_UNUSED_PASSES`; on a machine without GPUs also
   `_UNUSED_PASSES_ON_CPUS`); a pass the user set (`tf.config.optimizer.set_experimental_options`)
   is kept as set. TF reads these options when a function first runs: `fit` runs inside this.
-  Afterwards the passes are on again (as TF's defaults have them). Measured: docs/design.md."""
+  Afterwards the passes are at TF's defaults again. Measured: docs/design.md."""
   passes = _UNUSED_PASSES + (() if tf.config.list_logical_devices('GPU') else
                              _UNUSED_PASSES_ON_CPUS)
-  turned_off = [name for name in passes
-                if name not in tf.config.optimizer.get_experimental_options()]
+  user_set = tf.config.optimizer.get_experimental_options()
+  turned_off = [name for name in passes if user_set.get(name) is None]
   tf.config.optimizer.set_experimental_options({name: False for name in turned_off})
   try:
     yield
-  finally:
-    tf.config.optimizer.set_experimental_options({name: True for name in turned_off})
+  finally:  # None: TF's default again (not ON, which on CPUs is not the same for every pass)
+    tf.config.optimizer.set_experimental_options({name: None for name in turned_off})
 
 
 class KerasTraining:
