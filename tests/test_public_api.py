@@ -7,7 +7,6 @@ import inspect
 import pathlib
 import pkgutil
 
-import pytest
 
 import launch
 import tfp_realnvp

@@ -151,8 +151,8 @@ def test_xla_under_a_one_replica_mirrored_strategy_trains_as_without_it():
   np.testing.assert_allclose(xla_loss, loss, rtol=1e-5)
   averages = [i for i, path in enumerate(paths) if 'moving_' in path]
   assert len(averages) > 10
-  for i, path in enumerate(paths):
-    np.testing.assert_allclose(xla_weights[i], weights[i], rtol=1e-4, atol=1e-6, err_msg=path)
+  for i, path in enumerate(paths):  # (XLA's fusions round differently: 6e-6 seen on one device)
+    np.testing.assert_allclose(xla_weights[i], weights[i], rtol=1e-4, atol=1e-5, err_msg=path)
   # Trained: every running average moved from its start, and the weights by well above the
   # tolerance.
   assert all(not np.allclose(weights[i], initial[i], rtol=1e-6, atol=0) for i in averages)
