@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check of issue 12, prepared to run whenever a GPU machine is available (meant to take
 # under 10 minutes; so far dry-run on a CPU only):
-# the cifar10 preset with XLA and bfloat16, on one GPU and on all of them, in one table.
+# the cifar10 preset with bfloat16, on one GPU (with and without XLA) and on all of them, in one
+# table.
 #
 #   bash launch/gpu_benchmark.sh [OUT_DIR]        (from the repository root)
 #
 # 1. launch.benchmark on one GPU: train, log_prob, sample, encode, decode images/s, first step,
 #    peak memory (all measured in this run).
 # 2. launch.train on CIFAR-sized generated images, one epoch: one GPU with and without XLA, and
-#    all GPUs (MirroredStrategy) with XLA (--nosync_batch_norm) and without: training images/s
-#    per GPU at the same per-GPU batch.
+#    all GPUs (MirroredStrategy; XLA runs on one device only): training images/s per GPU at the
+#    same per-GPU batch.
 # Environment: BATCH (per GPU, default 256), STEPS (timed training steps, default 200),
 # EXTRA (flags for both, e.g. "--num_blocks=1" for a dry run on a CPU).
 set -euo pipefail
@@ -31,10 +32,7 @@ np.savez(path, x_train=train, x_test=train[:batch])
 PY
 python -m launch.benchmark --presets=cifar10 --jit_compile --mixed_precision=bfloat16 \
   --batch_size="$BATCH" --steps=10 --quality_budget=0 --output="$OUT/benchmark.json" $EXTRA
-# One GPU with and without XLA; all GPUs with XLA (each replica's own batch statistics: XLA
-# cannot compile the synchronized ones' all-reduces) and without it (synchronized). The rows with
-# XLA show what the replicas give with it, the rows without, what they give with the loss of the
-# global batch.
+# One GPU with and without XLA; all GPUs without it (XLA compiles the flow on one device only).
 run() {
   python -m launch.train --workdir="$OUT/run-$1" --restart --dataset="npz:$OUT/cifar_sized.npz" \
     --preset=cifar10 --mixed_precision=bfloat16 --batch_size="$BATCH" --epochs=1 \
@@ -43,7 +41,6 @@ run() {
 }
 run one_device_xla --strategy=one_device --jit_compile
 run one_device --strategy=one_device
-run mirrored_xla --strategy=mirrored --jit_compile --nosync_batch_norm
 run mirrored --strategy=mirrored
 python - "$OUT" <<'PY'
 import json, os, sys
@@ -52,7 +49,7 @@ bench = json.load(open(os.path.join(out, 'benchmark.json')))['results'][0]
 rows = [('launch.benchmark, 1 device', bench['train_images_per_second'], 1,
          bench['train_first_step_seconds'], bench['sample_images_per_second'],
          bench['log_prob_images_per_second'])]
-for run in ('one_device_xla', 'one_device', 'mirrored_xla', 'mirrored'):
+for run in ('one_device_xla', 'one_device', 'mirrored'):
   path = os.path.join(out, f'run-{run}', 'metrics.json')
   if not os.path.exists(path):
     print(f'launch.train {run}: no metrics (it failed; see its output above)')
