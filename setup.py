@@ -11,7 +11,7 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['tfp_realnvp', 'tfp_realnvp.*', 'launch',
                                                'launch.*']),
-    python_requires='>=3.10',
+    python_requires='>=3.11',
     # The ranges tested (CI installs requirements.txt: the versions named there, on Python
     # 3.11, CPU); the package reaches into no framework internals outside tfp_realnvp/compat.py,
     # whose tests name what moved on another version.

@@ -319,3 +319,18 @@ def test_each_network_runs_once_per_call_through_tfps_api(traced, monkeypatch):
     maybe_traced(fn)()
     assert sorted(calls) == sorted(id(net) for net in nets), name
 
+
+
+def test_any_tfp_bijector_as_the_flow_and_a_prior_of_the_wrong_rank():
+  # Not only the package's flows: a TFP bijector goes through TFP's own two calls.
+  prior = tfd.Sample(tfd.Normal(0., 1.), [2, 2, 1])
+  flow = tfb.Scale(2.)  # data -> latent
+  dist = rn.FlowDistribution(prior, flow)
+  x = tf.constant(np.random.default_rng(0).normal(size=[3, 2, 2, 1]), tf.float32)
+  expected = prior.log_prob(2. * x) + 4 * np.log(2.)
+  np.testing.assert_allclose(dist.log_prob(x), expected, rtol=1e-6)
+  samples, log_prob = dist.experimental_sample_and_log_prob(5, seed=(1, 2))
+  np.testing.assert_allclose(log_prob, prior.log_prob(2. * samples) + 4 * np.log(2.), rtol=1e-5)
+  model = rn.RealNVP(rn.RealNVPConfig((4, 4, 1), num_scales=1, num_blocks=1, num_filters=4))
+  with pytest.raises(ValueError, match=r'rank 3 or more\), got \(\)'):
+    rn.FlowDistribution(tfd.Normal(tf.zeros([4, 4]), 1.), model.flow)

@@ -198,7 +198,7 @@ def test_train_step_builds_the_l2_decay_once():
 def test_optimizer_defaults_follow_the_paper():
   model = _tiny_model()
   model.compile()
-  assert isinstance(model.optimizer, keras.optimizers.Adam)
+  assert isinstance(model.optimizer, rn.optimizers.Adam)  # the fused one (compat.py)
   assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
   # L2 5e-5 on the weight-norm scales g and the tanh scales only.
   penalized = {w.path for layer in model.flow_layers for w in layer.weights
@@ -232,3 +232,38 @@ def test_evaluate_reports_the_loss_in_graph_and_eager_mode(run_eagerly):
   # the loss is the mean bits/dim plus the L2 decay (tiny at initialisation)
   assert result['bits_per_dim'] == pytest.approx(bits, rel=1e-4)
   assert result['loss'] == pytest.approx(bits, rel=1e-2)
+
+
+def test_fit_runs_under_lighter_graph_options_and_restores_tfs(monkeypatch):
+  from tfp_realnvp import keras_training
+  seen = []
+
+  class Record(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+      seen.append(tf.config.optimizer.get_experimental_options())
+
+    def on_epoch_end(self, epoch, logs=None):
+      raise RuntimeError('stop here')  # an error inside fit restores the options too
+  tf.config.optimizer.set_experimental_options({'remapping': True})  # the user's
+  try:
+    model = rn.RealNVP(TINY)
+    model.compile()
+    images = np.random.default_rng(0).integers(0, 256, [8, *TINY.image_shape]).astype(np.uint8)
+    with pytest.raises(RuntimeError, match='stop here'):
+      model.fit(images, batch_size=4, epochs=1, verbose=0, callbacks=[Record()])
+    assert seen and seen[0]['remapping'] is True  # kept as the user set it
+    assert all(seen[0][name] is False for name in keras_training.LIGHTER_PASSES
+               if name != 'remapping')
+    after = tf.config.optimizer.get_experimental_options()
+    assert after['remapping'] is True
+    assert all(after.get(name) is None for name in keras_training.LIGHTER_PASSES
+               if name != 'remapping')
+    # And off where asked.
+    monkeypatch.setattr(keras_training, 'LIGHTER_GRAPH_OPTIMIZATION', False)
+    seen.clear()
+    with pytest.raises(RuntimeError, match='stop here'):
+      model.fit(images, batch_size=4, epochs=1, verbose=0, callbacks=[Record()])
+    assert all(seen[0].get(name) is None for name in keras_training.LIGHTER_PASSES
+               if name != 'remapping')
+  finally:
+    tf.config.optimizer.set_experimental_options({'remapping': None})

@@ -33,13 +33,21 @@ def _trees():
 
 
 def _names_defined_in_the_package():
-  """Every name the package defines or assigns (functions, classes, attributes, variables)."""
+  """(Not caught: an instance attribute a framework sets in its own `__init__` and the package
+  sets on `self` too; compat.lower_is_better is the one such use.)
+
+  Every name the package defines outside compat.py: functions, classes, arguments, variables,
+  and attributes it sets on its own objects (`self.x = ...`, `cls.x = ...`). An attribute set on
+  anything else (`optimizer._x = ...`, `tf.Something._x += ...`) is not the package's."""
   names = set()
-  for _, tree in _trees():
+  for path, tree in _trees():
+    if path == COMPAT:
+      continue
     for node in ast.walk(tree):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         names.add(node.name)
-      elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+      elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
+          getattr(node.value, 'id', None) in ('self', 'cls'):
         names.add(node.attr)
       elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
         names.add(node.id)
@@ -75,6 +83,10 @@ def test_no_use_of_a_frameworks_private_names_outside_compat():
     for node in ast.walk(tree):
       if isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in ours:
         found.append(f'{path.relative_to(ROOT)}:{node.lineno} uses .{node.attr}')
+      elif isinstance(node, ast.Attribute) and (node.attr == '__internal__' or (
+          node.attr in ('python', 'src') and getattr(node.value, 'id', None) in (
+              'tf', 'tfp', 'keras', 'tensorflow', 'tensorflow_probability'))):
+        found.append(f'{path.relative_to(ROOT)}:{node.lineno} uses .{node.attr}')
       elif isinstance(node, ast.Call) and getattr(node.func, 'id', None) in (
           'getattr', 'setattr', 'hasattr') and len(node.args) > 1 and isinstance(
               node.args[1], ast.Constant) and _private(str(node.args[1].value)) and \
@@ -109,10 +121,13 @@ def _checked(cls):
 def test_no_override_of_a_frameworks_private_methods_or_attributes():
   found = []
   for cls in filter(_checked, _package_classes()):
-    for name in vars(cls):
+    # Its own members and those of the package's classes it inherits (mixins included).
+    members = {name: klass for klass in reversed(cls.__mro__) if _ours(klass) and _checked(klass)
+               for name in vars(klass)}
+    for name, klass in members.items():
       if not _private(name) or name in TFP_SUBCLASS_HOOKS or name == '_abc_impl':  # (abc's)
         continue
-      value = vars(cls)[name]
+      value = vars(klass)[name]
       if getattr(getattr(value, 'fget', value), '__module__', '').split('.')[0] == (
           'tensorflow_probability'):
         continue  # put there by TFP's metaclass (`auto_composite_tensor`'s `_type_spec`)

@@ -52,6 +52,11 @@ class FlowDistribution(tfd.TransformedDistribution):
     del parameters['flow_variables']  # not a parameter (see the class docstring)
     # Out of tf.Module's sight (a function), so `trainable_variables` stay the flow's own.
     self._given_flow_variables = None if flow_variables is None else lambda: flow_variables
+    rank = distribution.event_shape.rank
+    if hasattr(flow, 'forward_and_log_det') and rank is not None and rank < 3:
+      raise ValueError(f'FlowDistribution: the prior\'s event shape must be the latent\'s '
+                       f'[..., H, W, C] (rank 3 or more), got {distribution.event_shape}; e.g. '
+                       'tfd.Independent(prior, 3) or tfd.Sample(tfd.Normal(0., 1.), [H, W, C]).')
     self._flow = flow
     self._labels = None if labels is None else tf.convert_to_tensor(labels, tf.int32)
     super().__init__(distribution, tfb.Invert(flow), kwargs_split_fn=self._split_kwargs,
@@ -91,6 +96,19 @@ class FlowDistribution(tfd.TransformedDistribution):
     return dict(distribution=tfp.util.BatchedComponentProperties(),
                 labels=tfp.util.ParameterProperties(event_ndims=0, is_preferred=False))
 
+  def _one_pass(self, direction, x, **bijector_kwargs):
+    """`(value, log-det summed over the event)` of the flow in `direction` ('forward': data to
+    latent): one pass of a `FlowBijector`; TFP's two calls for any other bijector."""
+    one_pass = getattr(self._flow, f'{direction}_and_log_det', None)
+    if one_pass is not None:
+      value, log_det = one_pass(x, **bijector_kwargs)
+      return value, self._sum_extra_event_dims(log_det)
+    event_ndims = self.distribution.event_shape.rank
+    value = getattr(self._flow, direction)(x, **bijector_kwargs)
+    log_det = getattr(self._flow, f'{direction}_log_det_jacobian')(
+        x, event_ndims=event_ndims, **bijector_kwargs)
+    return value, log_det
+
   def _sum_extra_event_dims(self, log_det):
     """The flow's log-det is per `[H, W, C]`; sums it over any leading event dims."""
     extra = (self.distribution.event_shape.rank or 3) - 3
@@ -107,24 +125,24 @@ class FlowDistribution(tfd.TransformedDistribution):
   # sample through `bijector.forward`, i.e. one `flow.inverse`) need no override.
   def _log_prob(self, y, **kwargs):
     distribution_kwargs, bijector_kwargs = self._split_kwargs(kwargs)
-    latent, log_det = self._flow.forward_and_log_det(y, **bijector_kwargs)
+    latent, log_det = self._one_pass('forward', y, **bijector_kwargs)
     base = self.distribution.log_prob(latent, **distribution_kwargs)
-    return base + tf.cast(self._sum_extra_event_dims(log_det), base.dtype)
+    return base + tf.cast(log_det, base.dtype)
 
   def _sample_and_log_prob(self, sample_shape, seed, **kwargs):
     distribution_kwargs, bijector_kwargs = self._split_kwargs(kwargs)
     latent, base = self._prior_for_sampling().experimental_sample_and_log_prob(
         sample_shape, seed=seed, **distribution_kwargs)
-    y, log_det = self._flow.inverse_and_log_det(latent, **bijector_kwargs)
-    return y, base - tf.cast(self._sum_extra_event_dims(log_det), base.dtype)
+    y, log_det = self._one_pass('inverse', latent, **bijector_kwargs)
+    return y, base - tf.cast(log_det, base.dtype)
 
   def experimental_local_measure(self, y, backward_compat=False, **kwargs):
     distribution_kwargs, bijector_kwargs = self._split_kwargs(kwargs)
-    latent, log_det = self._flow.forward_and_log_det(y, **bijector_kwargs)
+    latent, log_det = self._one_pass('forward', y, **bijector_kwargs)
     base, tangent_space = self.distribution.experimental_local_measure(
         latent, backward_compat=backward_compat, **distribution_kwargs)
     if isinstance(tangent_space, tfp.experimental.tangent_spaces.FullSpace):
-      return base + tf.cast(self._sum_extra_event_dims(log_det), base.dtype), tangent_space
+      return base + tf.cast(log_det, base.dtype), tangent_space
     # Another tangent space: TFP's density correction (a second flow pass).
     correction, tangent_space = self.bijector.experimental_compute_density_correction(
         latent, tangent_space, backward_compat=backward_compat,

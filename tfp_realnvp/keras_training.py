@@ -90,24 +90,27 @@ def _compiled_with_running_averages_outside(forward_and_log_det):
 
 
 # Grappler's passes that changed no node of the training step's graphs on CPUs (TF's log,
-# `TF_CPP_VMODULE=meta_optimizer=1`, before issue 26): the layout optimizer and the remapper (its
-# convolution-bias fusion oneDNN makes anyway) only matter on GPUs.
-_UNUSED_PASSES = ('loop_optimization', 'function_optimization', 'implementation_selector',
-                  'constant_folding', 'shape_optimization')
-_UNUSED_PASSES_ON_CPUS = ('layout_optimizer', 'remapping')
+# `TF_CPP_VMODULE=meta_optimizer=1`, before issue 26), the layout optimizer and the remapper
+# among them (its convolution-bias fusion oneDNN makes anyway). Measured on CPUs only: on a
+# machine with a GPU, `fit` keeps TF's options.
+LIGHTER_PASSES = ('loop_optimization', 'function_optimization', 'implementation_selector',
+                  'constant_folding', 'shape_optimization', 'layout_optimizer', 'remapping')
+LIGHTER_GRAPH_OPTIMIZATION = True  # False: `fit` keeps TF's options (set before `fit`)
 
 
 @contextlib.contextmanager
 def lighter_graph_optimization():
-  """Inside, TF optimizes the graphs it instantiates without grappler's passes that change
-  nothing in a training step (`_UNUSED_PASSES`; on a machine without GPUs also
-  `_UNUSED_PASSES_ON_CPUS`); a pass the user set (`tf.config.optimizer.set_experimental_options`)
-  is kept as set. TF reads these options when a function first runs: `fit` runs inside this.
-  Afterwards the passes are at TF's defaults again. Measured: docs/design.md."""
-  passes = _UNUSED_PASSES + (() if tf.config.list_logical_devices('GPU') else
-                             _UNUSED_PASSES_ON_CPUS)
+  """Inside, on a machine without GPUs, TF optimizes the graphs it instantiates without grappler's
+  passes that change nothing in a training step (`LIGHTER_PASSES`); a pass the user set
+  (`tf.config.optimizer.set_experimental_options`) is kept as set, and afterwards the others are
+  at TF's defaults again. `fit` runs inside this (`LIGHTER_GRAPH_OPTIMIZATION`). TF's options are
+  process-wide: a function another thread first runs meanwhile gets them too. Measured:
+  docs/design.md."""
+  if not LIGHTER_GRAPH_OPTIMIZATION or tf.config.list_logical_devices('GPU'):
+    yield
+    return
   user_set = tf.config.optimizer.get_experimental_options()
-  turned_off = [name for name in passes if user_set.get(name) is None]
+  turned_off = [name for name in LIGHTER_PASSES if user_set.get(name) is None]
   tf.config.optimizer.set_experimental_options({name: False for name in turned_off})
   try:
     yield

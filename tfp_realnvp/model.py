@@ -19,7 +19,7 @@ from tfp_realnvp.bijectors.multiscale import latent_groups, multiscale_flow
 from tfp_realnvp.conditional import (ClassConditionalMethods, ClassConditionalNormal,
                                      ClassConditionalPrior)
 from tfp_realnvp.distribution import FlowDistribution
-from tfp_realnvp.keras_training import KerasTraining
+from tfp_realnvp.keras_training import BitsPerDim, KerasTraining  # noqa: F401 (BitsPerDim: its old home)
 from tfp_realnvp.nets import CouplingNet
 
 tfb, tfd = tfp.bijectors, tfp.distributions
