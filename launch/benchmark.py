@@ -320,8 +320,8 @@ def main(argv):
       figures = in_own_process('measure', name, config, options)
       results.append(figures)
       if devices and index == 0:  # replicas at the first precision only
-        print(f'== {name}: 1 and {len(devices)} replicas, global batch {options.batch_size}'
-              f'{", XLA" if options.jit_compile else ""}', flush=True)
+        print(f'== {name}: 1 and {len(devices)} replicas, global batch {options.batch_size} '
+              '(without XLA)', flush=True)
         figures['replica_scaling'] = in_own_process('replicas', name, config, options, devices)
 
   report = {'machine': machine(), 'date': time.strftime('%Y-%m-%d %H:%M %Z'),
