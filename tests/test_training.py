@@ -167,6 +167,21 @@ def test_xla_on_several_replicas_is_a_clear_error():
       model.compile(jit_compile=True)
 
 
+
+def test_a_keras_file_compiled_with_xla_loads_on_several_replicas(tmp_path):
+  model = rn.RealNVP(SMALL)
+  model.compile(jit_compile=True)
+  path = str(tmp_path / 'xla.keras')
+  model.save(path)
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  with training.mirrored_strategy(devices).scope():
+    with pytest.warns(UserWarning, match='XLA runs on one replica, not 2'):
+      loaded = keras.models.load_model(path)
+  assert loaded.compiled and not loaded.get_compile_config()['jit_compile']
+  for a, b in zip(model.weights, loaded.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_actnorm_initialises_outside_xla():
   # The data-dependent initialisation runs outside the compiled flow, and training does not
   # reuse its trace.

@@ -3,6 +3,7 @@ predict steps on bits/dim, the compile config saved in `.keras` files, the `bits
 metric, XLA for the flow, and Glow's data-dependent ActNorm initialisation before `fit`."""
 
 import contextlib
+import warnings
 
 import keras
 import tensorflow as tf
@@ -224,8 +225,13 @@ class KerasTraining:
                if not (isinstance(m, dict) and m.get('class_name') == 'BitsPerDim')]
     kwargs = {k: config[k] for k in ('run_eagerly', 'steps_per_execution')
               if config.get(k) is not None}
-    self.compile(optimizer=optimizer, jit_compile=config.get('jit_compile') is True,
-                 metrics=metrics, **kwargs)
+    jit_compile = config.get('jit_compile') is True
+    replicas = self.distribute_strategy.num_replicas_in_sync
+    if jit_compile and replicas > 1:  # XLA runs on one replica: the file still loads
+      warnings.warn(f'{self.name}: compiled without jit_compile, which the file asks for: XLA '
+                    f'runs on one replica, not {replicas}.', stacklevel=2)
+      jit_compile = False
+    self.compile(optimizer=optimizer, jit_compile=jit_compile, metrics=metrics, **kwargs)
 
   # The steps have no control flow on tensors: AutoGraph's conversion of them (0.46 s of a
   # profiled trace of the small MNIST model's step) buys nothing.
