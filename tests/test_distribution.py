@@ -104,10 +104,12 @@ def test_samples_are_scored_with_the_current_weights():
   np.testing.assert_allclose(log_prob, model.log_prob(samples), rtol=1e-4)
 
 
-def test_a_one_pass_scope_keeps_nothing_beyond_itself():
+def test_the_same_input_tensor_gets_a_fresh_log_det_after_the_weights_change():
+  # TFP's bijector cache keys on the input tensor: with it, `after` would be `before`.
+  # (`one_pass()` is a no-op kept for old code; it must not bring a cache back.)
   model = rn.RealNVP(DIGITS)
   x = _float_pixels(np.full([2, 8, 8, 1], 90, np.uint8))
-  with rn.bijectors.one_pass():  # a log-det is the first thing ever cached
+  with rn.bijectors.one_pass():
     before = model.flow.forward_log_det_jacobian(x, event_ndims=3)
   model.flow_layers[0].scale.assign(3. * model.flow_layers[0].scale)
   model.flow_layers[0].conv_out.g.assign(tf.fill(model.flow_layers[0].conv_out.g.shape, 0.5))
