@@ -54,6 +54,9 @@ def _parser(required):
     if any(a in ('--help', '-help', '-h', '-?', '--helpshort', '-helpshort') for a in argv[1:]):
       app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own exits with 1
     try:
+      argv, note = launch_flags.renamed_flags(argv)
+      if note:
+        print(note, file=sys.stderr, flush=True)
       rest = FLAGS(argv)
     except flags.UnrecognizedFlagError as e:
       name = e.flagname

@@ -26,6 +26,39 @@ ALIASES = {'model_dir': 'workdir', 'output_dir': 'workdir', 'logdir': 'workdir',
            'num_samples': 'num', 'precision': 'mixed_precision', 'xla': 'jit_compile'}
 
 
+# The memory flags that became `--recompute`'s levels, and the values each took.
+_OLD_RECOMPUTE_FLAGS = {'recompute_blocks': ('auto', 'largest', 'all', 'none'),
+                        'recompute_batch_norm': ('auto', 'on', 'off')}
+
+
+def renamed_flags(argv):
+  """`(argv, note)`: `argv` with the old memory flags (`--recompute` and `--norecompute`, a
+  boolean before; `--recompute_blocks`, `--recompute_batch_norm`) as one `--recompute=LEVEL`,
+  and a line saying so (None if there were none)."""
+  old, rest, args = {}, [argv[0]], iter(argv[1:])
+  for arg in args:
+    name, equals, value = arg.lstrip('-').partition('=')
+    if arg.startswith('-') and name in ('recompute', 'norecompute') and not equals:
+      old['recompute'] = name == 'recompute'
+    elif arg.startswith('-') and name in _OLD_RECOMPUTE_FLAGS:
+      value = value if equals else next(args, '')
+      if value not in _OLD_RECOMPUTE_FLAGS[name]:
+        raise flags.Error(f'--{name}: expected one of {", ".join(_OLD_RECOMPUTE_FLAGS[name])}, '
+                          f'got {value!r} (the flag is now --recompute=LEVEL).')
+      old[name] = value
+    else:
+      rest.append(arg)
+  if not old:
+    return argv, None
+  mixed = next((a.partition('=')[2] for a in argv if a.startswith('--mixed_precision=')), None)
+  level = presets.renamed_fields({'recompute': False, **old}, compute_dtype=mixed)['recompute']
+  given = ' '.join(f'--{"" if v else "no"}recompute' if k == 'recompute' else f'--{k}={v}'
+                   for k, v in old.items())
+  return rest + [f'--recompute={level}'], (
+      f'note: {given} is now --recompute={level} (one flag: '
+      f'{"|".join(presets.RECOMPUTE)}); using it.')
+
+
 def define(kind, name, default, help_text, **kwargs):
   """DEFINE_`kind` once per process (commands imported together share flags)."""
   if name in FLAGS:
@@ -145,6 +178,7 @@ def model_config(data, saved=None):
   resumed run keeps its precision, recomputation, optimizer settings unless told otherwise).
   Labelled data (a class-conditional run) sets `num_classes` unless `--num_classes` does."""
   overrides = model_overrides()
+  saved = saved and presets.renamed_fields(saved)  # written before `recompute` had levels
   for name, field in presets.FIELDS.items():
     if saved and field.metadata['kind'] == presets.RUN and name not in overrides and name in saved:
       overrides[name] = saved[name]

@@ -83,11 +83,8 @@ def banner(model, config, data, strategy, global_batch, steps, start):
              f'replica(s), global batch {global_batch} ({FLAGS.batch_size} per replica), '
              f'{steps} steps/epoch, {FLAGS.epochs} epochs'
              f'{", XLA" if FLAGS.jit_compile else ""}'
-             f'{", " + config.compute_dtype if config.compute_dtype else ""}'
-             f'{", recompute" if config.recompute else ""}')
-  replicas = strategy.num_replicas_in_sync
-  common.say(f'  {recompute_blocks_summary(model, config, replicas)}; '
-             f'{recompute_batch_norm_summary(model, config, replicas)}')
+             f'{", " + config.compute_dtype if config.compute_dtype else ""}')
+  common.say(f'  {recompute_summary(model, config, strategy.num_replicas_in_sync)}')
   if config.compute_dtype:
     native, why = hardware.native_precision(config.compute_dtype)
     common.say(f'  mixed precision: {why}' if native else f'  warning: {why}')
@@ -95,35 +92,27 @@ def banner(model, config, data, strategy, global_batch, steps, start):
   common.say(f'  workdir: {FLAGS.workdir} ({where})')
 
 
-def recompute_blocks_summary(model, config, replicas):
-  """What `--recompute_blocks` does in this run, in words."""
+def recompute_summary(model, config, replicas):
+  """What `--recompute` does in this run, in words."""
   networks = [layer for layer in model.flow_layers if isinstance(layer, CouplingNet)]
-  recomputing = sum(net.recompute_blocks and net.blocks is not None for net in networks)
-  setting = f'recompute_blocks={config.recompute_blocks}'
-  if not recomputing:
-    return f'{setting}: every residual block keeps its activations'
-  if config.sync_batch_norm and replicas > 1:
-    return (f'{setting}: not applied (batch statistics synchronized over {replicas} replicas); '
-            'every residual block keeps its activations')
-  return (f'{setting}: the residual blocks of {recomputing} of {len(networks)} coupling networks '
-          'recompute their first convolution in the backward pass')
-
-
-def recompute_batch_norm_summary(model, config, replicas):
-  """What `--recompute_batch_norm` does in this run, in words."""
-  networks = [layer for layer in model.flow_layers if isinstance(layer, CouplingNet)]
-  setting = f'recompute_batch_norm={config.recompute_batch_norm}'
-  if config.sync_batch_norm and replicas > 1:
-    return (f'{setting}: not applied (batch statistics synchronized over {replicas} replicas); '
-            'each batch norm -> ReLU -> convolution unit keeps only its input')
-  if config.recompute:
-    return (f'{setting}: not applied (--recompute runs each coupling network again in the '
-            'backward pass)')
-  if all(net.recompute_batch_norm for net in networks):
-    return (f'{setting}: each batch norm -> ReLU -> convolution unit runs its batch norm and ReLU '
-            'again in the backward pass')
-  return (f'{setting}: each batch norm -> ReLU -> convolution unit keeps its ReLU output (faster, '
-          'more memory)')
+  levels = [net.recompute for net in networks]
+  setting = f'recompute={config.recompute}'
+  if 'networks' in levels:
+    return (f'{setting}: each coupling network runs again in the backward pass (no activations '
+            'kept)')
+  why_not = ('float64' if config.dtype == 'float64' else
+             f'batch statistics synchronized over {replicas} replicas'
+             if config.sync_batch_norm and replicas > 1 else None)
+  if set(levels) == {'none'} or why_not:
+    return (f'{setting}: {f"not applied ({why_not}); " if why_not else ""}autodiff keeps every '
+            'activation for the backward pass')
+  blocks = sum(level == 'blocks' and net.blocks is not None for net, level in
+               zip(networks, levels))
+  return (f'{setting}: ' + (f'the residual blocks of {blocks} of {len(networks)} coupling '
+                            'networks keep only their input (their first convolution runs '
+                            'again); ' if blocks else '') +
+          'each batch norm -> ReLU -> convolution unit keeps only its input (its batch norm and '
+          'ReLU run again)')
 
 
 def _count(number):

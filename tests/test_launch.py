@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from absl import flags as absl_flags
 from absl.testing import flagsaver
 from PIL import Image
 
@@ -277,41 +278,52 @@ def test_train_with_glows_layers_from_flags(digits, tmp_path):
 
 
 
-def test_the_banner_says_what_recompute_blocks_does():
-  from launch.train import recompute_blocks_summary
+def test_the_banner_says_what_recompute_does():
+  from launch.train import recompute_summary
   from tfp_realnvp import RealNVP
   small = dict(image_shape=(8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
   model = RealNVP('mnist', **small)
-  assert recompute_blocks_summary(model, model.config, 1) == (
-      'recompute_blocks=auto: the residual blocks of 3 of 10 coupling networks recompute their '
-      'first convolution in the backward pass')
-  assert 'not applied (batch statistics synchronized over 2 replicas)' in \
-      recompute_blocks_summary(model, model.config, 2)
+  assert recompute_summary(model, model.config, 1) == (
+      'recompute=auto: the residual blocks of 3 of 10 coupling networks keep only their input '
+      '(their first convolution runs again); each batch norm -> ReLU -> convolution unit keeps '
+      'only its input (its batch norm and ReLU run again)')
+  assert recompute_summary(model, model.config, 2) == (
+      'recompute=auto: not applied (batch statistics synchronized over 2 replicas); autodiff '
+      'keeps every activation for the backward pass')
   unsynchronized = RealNVP('mnist', sync_batch_norm=False, **small)
-  assert 'the residual blocks of 3 of 10' in recompute_blocks_summary(
+  assert 'the residual blocks of 3 of 10' in recompute_summary(
       unsynchronized, unsynchronized.config, 2)
   mixed = RealNVP('mnist', compute_dtype='bfloat16', **small)
-  assert recompute_blocks_summary(mixed, mixed.config, 1) == (
-      'recompute_blocks=auto: every residual block keeps its activations')
+  assert recompute_summary(mixed, mixed.config, 1) == (
+      'recompute=auto: autodiff keeps every activation for the backward pass')
+  units = RealNVP('mnist', compute_dtype='bfloat16', recompute='batch_norm', **small)
+  assert recompute_summary(units, units.config, 1) == (
+      'recompute=batch_norm: each batch norm -> ReLU -> convolution unit keeps only its input '
+      '(its batch norm and ReLU run again)')
+  networks = RealNVP('mnist', recompute='networks', **small)
+  assert recompute_summary(networks, networks.config, 2) == (
+      'recompute=networks: each coupling network runs again in the backward pass (no '
+      'activations kept)')
+  wide = RealNVP('mnist', dtype='float64', recompute='blocks', **small)
+  assert 'not applied (float64)' in recompute_summary(wide, wide.config, 1)
 
 
-def test_the_banner_says_what_recompute_batch_norm_does():
-  from launch.train import recompute_batch_norm_summary
-  from tfp_realnvp import RealNVP
-  small = dict(image_shape=(8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
-  model = RealNVP('mnist', **small)
-  assert recompute_batch_norm_summary(model, model.config, 1) == (
-      'recompute_batch_norm=auto: each batch norm -> ReLU -> convolution unit runs its batch '
-      'norm and ReLU again in the backward pass')
-  assert 'not applied (batch statistics synchronized over 2 replicas)' in \
-      recompute_batch_norm_summary(model, model.config, 2)
-  mixed = RealNVP('mnist', compute_dtype='bfloat16', **small)
-  assert recompute_batch_norm_summary(mixed, mixed.config, 1) == (
-      'recompute_batch_norm=auto: each batch norm -> ReLU -> convolution unit keeps its ReLU '
-      'output (faster, more memory)')
-  recomputing = RealNVP('mnist', compute_dtype='bfloat16', recompute=True, **small)
-  assert 'not applied (--recompute' in recompute_batch_norm_summary(
-      recomputing, recomputing.config, 1)
-  forced = RealNVP('mnist', compute_dtype='bfloat16', recompute_batch_norm='on', **small)
-  assert 'runs its batch norm and ReLU again' in recompute_batch_norm_summary(
-      forced, forced.config, 1)
+def test_the_old_memory_flags_are_aliases_of_recompute():
+  from launch.flags import renamed_flags
+  for old, level in ((['--recompute'], 'networks'), (['--norecompute'], 'auto'),
+                     (['--recompute_blocks=all'], 'blocks'),
+                     (['--recompute_blocks', 'largest'], 'largest_blocks'),
+                     (['--recompute_blocks=none'], 'batch_norm'),
+                     (['--recompute_batch_norm=off', '--recompute_blocks=none'], 'none'),
+                     # (auto blocks: largest in float32, none under mixed precision)
+                     (['--recompute_batch_norm=off'], 'largest_blocks'),
+                     (['--recompute_batch_norm=on', '--mixed_precision=bfloat16'], 'batch_norm'),
+                     (['--recompute_blocks=none', '--mixed_precision=bfloat16'], 'none'),
+                     (['--recompute_batch_norm=auto', '--recompute_blocks=auto'], 'auto')):
+    argv, note = renamed_flags(['train', '--epochs=1', *old])
+    assert argv[-1] == f'--recompute={level}' and argv[:2] == ['train', '--epochs=1'], old
+    assert f'is now --recompute={level}' in note, note
+  assert renamed_flags(['train', '--recompute=blocks']) == (['train', '--recompute=blocks'], None)
+  with pytest.raises(absl_flags.Error, match=r"--recompute_blocks: expected one of auto, largest, "
+                     r"all, none, got 'some' \(the flag is now --recompute=LEVEL\)"):
+    renamed_flags(['train', '--recompute_blocks=some'])

@@ -116,6 +116,39 @@ def test_progress_lines_report_the_mean_over_each_window():
   assert 'step 10/10 (epoch 1/1): loss 2.0000' in second
 
 
+def test_the_old_memory_settings_are_read_as_recompute_levels():
+  # config.json and .keras files written before `recompute` had levels hold a boolean
+  # `recompute`, `recompute_blocks` and `recompute_batch_norm`.
+  written = rn.presets.get('mnist').to_dict()
+  for (recompute, blocks, batch_norm, compute_dtype), level in (
+      ((False, 'auto', 'auto', None), 'auto'), ((False, 'auto', 'auto', 'bfloat16'), 'auto'),
+      ((True, 'auto', 'auto', None), 'networks'), ((True, 'none', 'off', None), 'networks'),
+      ((False, 'all', 'auto', None), 'blocks'), ((False, 'largest', 'off', None), 'largest_blocks'),
+      ((False, 'none', 'auto', None), 'batch_norm'), ((False, 'none', 'auto', 'bfloat16'), 'none'),
+      ((False, 'auto', 'on', 'bfloat16'), 'batch_norm'), ((False, 'none', 'off', None), 'none')):
+    old = {**written, 'recompute': recompute, 'recompute_blocks': blocks,
+           'recompute_batch_norm': batch_norm, 'compute_dtype': compute_dtype}
+    config = rn.RealNVPConfig.from_dict(old)
+    assert config.recompute == level, (old, config.recompute)
+    assert 'recompute_blocks' not in config.to_dict()
+  # In Python, the old names still work, with a warning naming the level to use.
+  config = rn.presets.get('mnist')
+  for old, level in ((dict(recompute=True), 'networks'), (dict(recompute_blocks='all'), 'blocks'),
+                     (dict(recompute_batch_norm='off', recompute_blocks='none'), 'none')):
+    with pytest.warns(DeprecationWarning, match=f"is now recompute='{level}'"):
+      assert config.replace(**old).recompute == level
+  with pytest.warns(DeprecationWarning, match="recompute=True is now recompute='networks'"):
+    assert rn.RealNVPConfig(recompute=True).recompute == 'networks'
+  for old, level in ((dict(recompute=True), 'networks'), (dict(recompute_blocks=True), 'blocks'),
+                     (dict(recompute_batch_norm=False), 'none'), (dict(recompute=False),
+                                                                  'batch_norm')):
+    with pytest.warns(DeprecationWarning, match=f"are now recompute='{level}'"):
+      assert rn.CouplingNet(2, 4, 1, **old).recompute == level
+  with pytest.raises(rn.presets.ConfigError, match="recompute must be one of 'auto', 'none', "
+                     "'batch_norm', 'largest_blocks', 'blocks', 'networks', got 'all'"):
+    config.replace(recompute='all')
+
+
 def test_run_settings_may_change_when_resuming_but_not_the_architecture(tmp_path):
   config = rn.presets.get('mnist')
   glows = {'normalization', 'mixing', 'layout', 'steps_per_scale', 'network'}
@@ -138,7 +171,7 @@ def test_run_settings_may_change_when_resuming_but_not_the_architecture(tmp_path
   training.write_run_config(str(tmp_path), run)
   os.makedirs(tmp_path / 'checkpoints')
   (tmp_path / 'checkpoints' / 'ckpt-7.index').write_bytes(b'')
-  for change in (dict(recompute=True), dict(compute_dtype='bfloat16'), dict(learning_rate=5e-4),
+  for change in (dict(recompute='networks'), dict(compute_dtype='bfloat16'), dict(learning_rate=5e-4),
                  dict(clipnorm=0.), dict(validate_args=False), dict(l2=0.),
                  dict(batch_norm_momentum=0.99), dict(sync_batch_norm=False)):
     training.check_run_config(str(tmp_path), {**run, 'model': config.replace(**change).to_dict()})
@@ -163,18 +196,24 @@ def test_model_flags_are_derived_from_the_config_fields():
     assert ('architecture' if field.metadata['kind'] == 'architecture' else 'run setting') in \
         flag.help
   with flagsaver.flagsaver():
-    flags.FLAGS([sys.argv[0], '--num_blocks=3', '--mixed_precision=bfloat16', '--recompute'])
+    flags.FLAGS([sys.argv[0], '--num_blocks=3', '--mixed_precision=bfloat16',
+                 '--recompute=networks'])
     assert launch_flags.model_overrides() == dict(num_blocks=3, compute_dtype='bfloat16',
-                                                  recompute=True)
+                                                  recompute='networks')
   # Resuming, the run settings not given as flags are the run's own, not the preset's.
   data = data_lib.Data('npz:x', None, None, (8, 8, 1))
-  saved = rn.presets.get('mnist', image_shape=(8, 8, 1), recompute=True, learning_rate=5e-4,
+  saved = rn.presets.get('mnist', image_shape=(8, 8, 1), recompute='networks', learning_rate=5e-4,
                          compute_dtype='bfloat16').to_dict()
   with flagsaver.flagsaver():
-    flags.FLAGS([sys.argv[0], '--num_scales=2', '--learning_rate=1e-4', '--norecompute'])
+    flags.FLAGS([sys.argv[0], '--num_scales=2', '--learning_rate=1e-4', '--recompute=none'])
     config = launch_flags.model_config(data, saved)
-  assert (config.compute_dtype, config.recompute, config.learning_rate) == ('bfloat16', False,
+  assert (config.compute_dtype, config.recompute, config.learning_rate) == ('bfloat16', 'none',
                                                                             1e-4)
+  # A run written before `recompute` had levels resumes with its settings as a level.
+  old = {**saved, 'recompute': False, 'recompute_blocks': 'all', 'recompute_batch_norm': 'auto'}
+  with flagsaver.flagsaver():
+    flags.FLAGS([sys.argv[0]])
+    assert launch_flags.model_config(data, old).recompute == 'blocks'
   # The config's own checks are the flags' validators, naming the flag.
   for bad, message in (('--alpha=0.7', r'--alpha: .*alpha must be a finite number in \(0, '
                                        r'0.5\)'),
@@ -409,11 +448,9 @@ def test_a_resumed_run_with_new_run_settings_reports_and_logs_it_all(tmp_path):
   banner = '\n'.join(lines[:7])
   for part in ('launch.train: real_nvp', 'parameters', 'data: npz:', '1,500 train / 100 test',
                'strategy:', 'replica', f'workdir: {workdir} (resuming from step 30)',
-               'recompute', 'bfloat16',
-               # auto: none with --recompute and under mixed precision
-               'recompute_blocks=auto: every residual block keeps its activations',
-               # --recompute runs each network again: the setting does not apply
-               'recompute_batch_norm=auto: not applied (--recompute'):
+               'bfloat16',
+               # the old flag, a boolean before, is the level `networks` now
+               'recompute=networks: each coupling network runs again in the backward pass'):
     assert part in banner, (part, banner)
   assert 'step 40/60 (epoch 2/3): bits_per_dim' in second.stdout
   assert 'epoch 2/3 done at step 40' in second.stdout  # not "Epoch 2/2"
@@ -424,7 +461,8 @@ def test_a_resumed_run_with_new_run_settings_reports_and_logs_it_all(tmp_path):
     assert f'{workdir}/{name}' in written, (name, written)
   with open(os.path.join(workdir, 'config.json')) as f:
     model = json.load(f)['model']
-  assert model['recompute'] and model['compute_dtype'] == 'bfloat16'  # this run's settings
+  assert (model['recompute'], model['compute_dtype']) == ('networks', 'bfloat16')  # this run's
+  assert 'note: --recompute is now --recompute=networks' in second.stderr
   umask = os.umask(0)
   os.umask(umask)
   for name in ('config.json', 'metrics.json'):

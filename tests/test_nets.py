@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tfp_realnvp import compat, nets, training
+from tfp_realnvp.nets import network
 from conftest import randomize
 
 
@@ -179,31 +180,48 @@ def _coupling_net_gradients(net, x):
   return step()
 
 
-def test_recomputed_network_gives_the_same_gradients_and_one_update():
+@pytest.mark.parametrize('recompute', ['batch_norm', 'blocks', 'networks'])
+def test_a_recomputing_network_gives_autodiffs_gradients_and_one_update(recompute):
   x = tf.constant(np.random.default_rng(4).normal(size=[4, 6, 6, 3]), tf.float32)
   results = {}
-  for recompute in (False, True):
-    net = nets.CouplingNet(channels=2, num_filters=8, num_blocks=2, recompute=recompute)
+  for level in ('none', recompute):
+    net = nets.CouplingNet(channels=2, num_filters=8, num_blocks=2, recompute=level)
     net.build(x.shape)
     randomize([net], seed=5)
-    results[recompute] = (_coupling_net_gradients(net, x),
-                          [v.numpy() for v in net.non_trainable_variables])
-  (plain, plain_moving), (recomputed, recomputed_moving) = results[False], results[True]
+    results[level] = (_coupling_net_gradients(net, x),
+                      [v.numpy() for v in net.non_trainable_variables])
+  (plain, plain_moving), (recomputed, recomputed_moving) = results['none'], results[recompute]
   assert len(plain) == 2 + len(net.trainable_variables)
   for a, b in zip(plain, recomputed):
+    assert np.abs(a).max() > 0
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  # The backward pass runs the network again but must not update the running averages again.
+  # The backward pass runs parts of the network again but must not update the running
+  # averages again.
   for a, b in zip(plain_moving, recomputed_moving):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_recomputing_applies_where_its_custom_gradients_do():
+  x32, x64, empty = tf.zeros([2, 4, 4, 3]), tf.zeros([2, 4, 4, 3], tf.float64), tf.zeros([0, 4, 4, 3])
+  for level in nets.NETWORK_RECOMPUTE:
+    assert nets.plan(level, x32, True, True) == (level, True)  # one replica
+    assert nets.plan(level, x32, False, True) == ('none', False)  # inference: nothing to keep
+  for level in ('batch_norm', 'blocks'):  # float64 and empty batches: autodiff's tensors
+    assert nets.plan(level, x64, True, True) == ('none', True)
+    assert nets.plan(level, empty, True, False) == ('none', True)
+  assert nets.plan('networks', x64, True, True) == ('networks', True)
+  with pytest.raises(ValueError, match="recompute must be one of none, batch_norm, blocks, "
+                     "networks, got 'largest_blocks'"):
+    nets.plan('largest_blocks', x32, True, True)
 
 
 def test_residual_blocks_of_one_shape_share_one_trace():
   net = nets.CouplingNet(channels=2, num_filters=7, num_blocks=3)  # 7 features: a new shape
   x = tf.zeros([2, 6, 6, 3])
   net.build(x.shape)
-  before = nets._residual_block_traced.experimental_get_tracing_count()
+  before = network._block_traced.experimental_get_tracing_count()
   tf.function(lambda: net(x, training=True))()
-  assert nets._residual_block_traced.experimental_get_tracing_count() == before + 1
+  assert network._block_traced.experimental_get_tracing_count() == before + 1
 
 
 def _backward_calls(graph):
@@ -262,17 +280,13 @@ def _unit_and_gradients(x, norm, conv, keep_only_inputs, compile_mode):
   def run(x, norm, conv):
     with tf.GradientTape() as tape:
       tape.watch([x, *norm[:2], *conv])
-      y, updated = nets.bn_relu_conv(x, norm, conv, True, 0.9, 1e-4)
+      y, updated = nets.bn_relu_conv(x, norm, conv, True, 0.9, 1e-4,
+                                     keep_only_input=keep_only_inputs)
       loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(tf.cast(y, tf.float32)))
     return [y, *updated, *tape.gradient(loss, [x, *norm[:2], *conv])]
   if compile_mode != 'eager':
     run = tf.function(run, jit_compile=compile_mode == 'xla')
-  before = nets.KEEP_ONLY_CONVOLUTION_OUTPUTS
-  nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = keep_only_inputs
-  try:
-    return [np.asarray(tf.cast(t, tf.float32)) for t in run(x, norm, conv)]
-  finally:
-    nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = before
+  return [np.asarray(tf.cast(t, tf.float32)) for t in run(x, norm, conv)]
 
 
 @pytest.mark.parametrize('compile_mode', ['eager', 'function', 'xla'])
@@ -290,65 +304,62 @@ def test_bn_relu_conv_recomputed_in_the_backward_pass_gives_autodiffs_gradient(d
     np.testing.assert_allclose(b, a, err_msg=name, **tolerance)
 
 
-def _on_two_replicas(x, norm, conv, keep_only_inputs):
+def _on_two_replicas(x, norm, conv):
   """bn_relu_conv on two replicas (half the batch each, statistics synchronized): per replica,
-  its output, updates and gradients (as `_unit_and_gradients`), and the collective ops a
-  replica runs."""
+  its output, updates and gradients (as `_unit_and_gradients`), the collective ops a replica
+  runs, and what `plan` gives a network there."""
   devices = [d.name for d in tf.config.list_logical_devices('CPU')]
   assert len(devices) == 2, 'conftest configures two logical CPU devices'
   strategy = training.mirrored_strategy(devices)
   half = x.shape[0] // 2
   halves = strategy.experimental_distribute_values_from_function(
       lambda context: x[context.replica_id_in_sync_group * half:][:half])
+  plans = set()
 
   def run(x):
+    plans.add(nets.plan('blocks', x, True, True))
     with tf.GradientTape() as tape:
       tape.watch([x, *norm[:2], *conv])
       y, updated = nets.bn_relu_conv(x, norm, conv, True, 0.9, 1e-4)
       loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(tf.cast(y, tf.float32)))
     return [y, *updated, *tape.gradient(loss, [x, *norm[:2], *conv])]
   step = tf.function(lambda x: strategy.run(run, args=(x,)))
-  before = nets.KEEP_ONLY_CONVOLUTION_OUTPUTS
-  nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = keep_only_inputs
-  try:
-    graph = step.get_concrete_function(halves).graph.as_graph_def()
-    results = step(halves)
-  finally:
-    nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = before
+  graph = step.get_concrete_function(halves).graph.as_graph_def()
+  results = step(halves)
   collectives = sum(node.op.startswith('CollectiveReduce') for nodes in
                     [graph.node, *(f.node_def for f in graph.library.function)] for node in nodes)
   per_replica = [[np.asarray(tf.cast(t, tf.float32)) for t in strategy.experimental_local_results(r)]
                  for r in results]
-  return per_replica, collectives // 2
+  return per_replica, collectives // 2, plans
 
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.float64, tf.bfloat16])
-def test_synchronized_bn_relu_conv_keeps_the_whole_batchs_gradient_with_one_all_reduce_back(dtype):
+def test_synchronized_bn_relu_conv_gives_the_whole_batchs_results(dtype):
   # Two replicas with synchronized statistics must give what one device gives on the whole
-  # batch; recomputing batch norm and ReLU must not change it, and all-reduces the backward
-  # pass's two sums together.
+  # batch (autodiff's tensors: the custom gradients that keep less take one replica's
+  # statistics, and `plan` says so).
   x, norm, conv = _unit_inputs(dtype, batch=4)
   whole = _unit_and_gradients(x, norm, conv, False, 'function')
-  for keep_only_inputs, expected_collectives in ((False, 4), (True, 3)):
-    per_replica, collectives = _on_two_replicas(x, norm, conv, keep_only_inputs)
-    assert collectives == expected_collectives
-    names = ['y', 'mean', 'variance', 'dx', 'dgamma', 'dbeta', 'dv', 'dg', 'dbias']
-    for name, expected, (first, second) in zip(names, whole, per_replica):
-      if name in ('y', 'dx'):  # each replica's rows
-        got = np.concatenate([first, second])
-      elif name in ('mean', 'variance'):  # the same running averages on both
-        np.testing.assert_array_equal(first, second)
-        got = first
-      else:  # each replica's part of the weights' gradient: the optimizer adds them
-        got = first + second
-      assert np.abs(expected).max() > 1e-3, name
-      # bfloat16: halves rounded apart, so within its 8 bits of the tensor's scale
-      tolerance = (dict(rtol=2e-2, atol=1e-2 * np.abs(expected).max()) if dtype == tf.bfloat16
-                   else dict(rtol=1e-5, atol=1e-5))
-      np.testing.assert_allclose(got, expected, err_msg=name, **tolerance)
+  per_replica, collectives, plans = _on_two_replicas(x, norm, conv)
+  assert collectives == 4  # the moments forward, their gradients backward
+  assert plans == {('none', False)}
+  names = ['y', 'mean', 'variance', 'dx', 'dgamma', 'dbeta', 'dv', 'dg', 'dbias']
+  for name, expected, (first, second) in zip(names, whole, per_replica):
+    if name in ('y', 'dx'):  # each replica's rows
+      got = np.concatenate([first, second])
+    elif name in ('mean', 'variance'):  # the same running averages on both
+      np.testing.assert_array_equal(first, second)
+      got = first
+    else:  # each replica's part of the weights' gradient: the optimizer adds them
+      got = first + second
+    assert np.abs(expected).max() > 1e-3, name
+    # bfloat16: halves rounded apart, so within its 8 bits of the tensor's scale
+    tolerance = (dict(rtol=2e-2, atol=1e-2 * np.abs(expected).max()) if dtype == tf.bfloat16
+                 else dict(rtol=1e-5, atol=1e-5))
+    np.testing.assert_allclose(got, expected, err_msg=name, **tolerance)
 
 
-def _saved_activations(keep_only_inputs, recompute=False, recompute_batch_norm=True):
+def _saved_activations(recompute):
   """The distinct activation-sized tensors a residual block's forward pass keeps for its backward
   pass (Identity aliases resolved), besides its output."""
   x, norm, conv = _unit_inputs(tf.float32, channels=4)
@@ -360,15 +371,9 @@ def _saved_activations(keep_only_inputs, recompute=False, recompute_batch_norm=T
   def step(x):
     with tf.GradientTape() as tape:
       tape.watch(x)
-      y, _ = block(x, norm, conv, norm, conv, True, 0.9, 1e-4, True, recompute,
-                   recompute_batch_norm)
+      y, _ = block(x, norm, conv, norm, conv, True, 0.9, 1e-4, True, recompute)
     return tape.gradient(y, x)
-  before = nets.KEEP_ONLY_CONVOLUTION_OUTPUTS
-  nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = keep_only_inputs
-  try:
-    graph = step.get_concrete_function(x).graph
-  finally:
-    nets.KEEP_ONLY_CONVOLUTION_OUTPUTS = before
+  graph = step.get_concrete_function(x).graph
   forward, = [f for name, f in graph._functions.items() if name.startswith('__forward')]
   outputs = forward.graph.outputs
 
@@ -381,37 +386,14 @@ def _saved_activations(keep_only_inputs, recompute=False, recompute_batch_norm=T
           if s.shape == x.shape and s.ref() != output.ref()}
 
 
-def test_residual_block_keeps_only_the_convolution_inputs_of_its_batch_norms():
+def test_residual_block_keeps_what_its_recompute_level_says():
   # Autodiff keeps x (batch norm 1), relu(bn1(x)) (conv 1), conv 1's output (batch norm 2) and
-  # relu(bn2(.)) (conv 2); recomputing batch norm and ReLU keeps x and conv 1's output only.
-  kept = _saved_activations(False)
-  assert sorted(op for op, _ in kept) == ['BiasAdd', 'Placeholder', 'Relu', 'Relu']
-  assert sorted(op for op, _ in _saved_activations(True)) == ['BiasAdd', 'Placeholder']
-  # Recomputing the first convolution too keeps the block's input alone.
-  assert sorted(op for op, _ in _saved_activations(True, recompute=True)) == ['Placeholder']
-  # recompute_batch_norm=False: the ReLU outputs kept, as autodiff does
-  assert sorted(op for op, _ in _saved_activations(True, recompute_batch_norm=False)) == sorted(
-      op for op, _ in kept)
-
-
-@pytest.mark.parametrize('compile_mode', ['eager', 'function', 'xla'])
-def test_bn_relu_conv_that_keeps_its_relu_output_gives_the_same_gradient(compile_mode):
-  x, norm, conv = _unit_inputs(tf.bfloat16)
-
-  def run(x, norm, conv, recompute_batch_norm):
-    with tf.GradientTape() as tape:
-      tape.watch([x, *norm[:2], *conv])
-      y, updated = nets.bn_relu_conv(x, norm, conv, True, 0.9, 1e-4,
-                                     recompute_batch_norm=recompute_batch_norm)
-      loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(tf.cast(y, tf.float32)))
-    return [y, *updated, *tape.gradient(loss, [x, *norm[:2], *conv])]
-  if compile_mode != 'eager':
-    run = tf.function(run, jit_compile=compile_mode == 'xla')
-  kept = [np.asarray(tf.cast(t, tf.float32)) for t in run(x, norm, conv, False)]
-  # the same arithmetic as autodiff's path (the global switch off)
-  expected = _unit_and_gradients(x, norm, conv, False, compile_mode)
-  for a, b in zip(kept, expected, strict=True):
-    np.testing.assert_array_equal(a, b)
+  # relu(bn2(.)) (conv 2); recomputing batch norm and ReLU keeps x and conv 1's output only;
+  # recomputing the first convolution too keeps the block's input alone.
+  assert sorted(op for op, _ in _saved_activations('none')) == ['BiasAdd', 'Placeholder', 'Relu',
+                                                                'Relu']
+  assert sorted(op for op, _ in _saved_activations('batch_norm')) == ['BiasAdd', 'Placeholder']
+  assert sorted(op for op, _ in _saved_activations('blocks')) == ['Placeholder']
 
 
 def _block_and_gradients(x, norm1, conv1, norm2, conv2, recompute, compile_mode):
@@ -444,8 +426,8 @@ _BLOCK_RESULTS = ['y', 'mean1', 'variance1', 'mean2', 'variance2', 'dx',
 @pytest.mark.parametrize('compile_mode', ['eager', 'function', 'xla'])
 def test_residual_block_recomputing_its_first_convolution_gives_the_same_gradient(compile_mode):
   inputs = _block_inputs(tf.float32)
-  kept = _block_and_gradients(*inputs, False, compile_mode)
-  recomputed = _block_and_gradients(*inputs, True, compile_mode)
+  kept = _block_and_gradients(*inputs, 'none', compile_mode)
+  recomputed = _block_and_gradients(*inputs, 'blocks', compile_mode)
   assert len(kept) == len(recomputed) == len(_BLOCK_RESULTS)
   for name, a, b in zip(_BLOCK_RESULTS, kept, recomputed):
     assert np.all(np.isfinite(b)), name
@@ -459,10 +441,10 @@ def test_residual_block_recomputing_in_bfloat16_is_as_close_to_float32(compile_m
   # In bfloat16 the recomputed convolution may round otherwise than the forward pass's (fused
   # or not) and a ReLU may flip: the check is the distance to float32's results, which must be
   # no worse than keeping the activations.
-  reference = _block_and_gradients(*_block_inputs(tf.float32), False, compile_mode)
+  reference = _block_and_gradients(*_block_inputs(tf.float32), 'none', compile_mode)
   inputs = _block_inputs(tf.bfloat16)
-  kept = _block_and_gradients(*inputs, False, compile_mode)
-  recomputed = _block_and_gradients(*inputs, True, compile_mode)
+  kept = _block_and_gradients(*inputs, 'none', compile_mode)
+  recomputed = _block_and_gradients(*inputs, 'blocks', compile_mode)
   for name, exact, a, b in zip(_BLOCK_RESULTS, reference, kept, recomputed):
     if name in ('dg1', 'dbias1'):  # 0 in exact arithmetic: batch norm 2 undoes them
       continue
@@ -472,57 +454,45 @@ def test_residual_block_recomputing_in_bfloat16_is_as_close_to_float32(compile_m
     assert error <= 1.5 * error_kept + 0.005, (name, error, error_kept)
 
 
-@pytest.mark.parametrize('recompute_blocks', [False, True])
-def test_a_network_recomputing_its_blocks_takes_the_recomputing_block(recompute_blocks,
-                                                                      monkeypatch):
+@pytest.mark.parametrize('recompute', ['batch_norm', 'blocks'])
+def test_a_network_recomputing_its_blocks_takes_the_block_that_keeps_its_input(recompute,
+                                                                               monkeypatch):
   calls = []
-  recomputing = nets._residual_block_recomputing
+  keeping_input = network.residual_block_keeping_input
 
   def spy(*args):
     calls.append(1)
-    return recomputing(*args)
-  monkeypatch.setattr(nets, '_residual_block_recomputing', spy)
-  # a shape of its own (9 features), so the shared block function is traced here
-  net = nets.CouplingNet(channels=2, num_filters=9 + recompute_blocks, num_blocks=3,
-                         recompute_blocks=recompute_blocks)
+    return keeping_input(*args)
+  monkeypatch.setattr(network, 'residual_block_keeping_input', spy)
+  # a shape of its own (9 or 10 features), so the shared block function is traced here
+  net = nets.CouplingNet(channels=2, num_filters=9 + (recompute == 'blocks'), num_blocks=3,
+                         recompute=recompute)
   x = tf.random.normal([2, 6, 6, 2])
   net.build(x.shape)
   _coupling_net_gradients(net, x)
-  assert len(calls) == (1 if recompute_blocks else 0)  # one trace serves the 3 blocks
+  assert len(calls) == (1 if recompute == 'blocks' else 0)  # one trace serves the 3 blocks
 
 
-def test_only_the_largest_maps_recompute_their_blocks_by_default():
+def test_recompute_levels_per_network():
   from tfp_realnvp import RealNVP
-  def recomputing(**overrides):
+  def levels(**overrides):
     model = RealNVP('cifar10', image_shape=(8, 8, 3), num_blocks=1, num_filters=4, **overrides)
     nets_ = [layer for layer in model.flow_layers if isinstance(layer, nets.CouplingNet)]
-    return [(n.blocks.v.shape[-1], n.recompute_blocks) for n in nets_]
+    return [(n.blocks.v.shape[-1], n.recompute) for n in nets_]
   # real_nvp layout, 2 scales: 3 checkerboard networks on 8x8 maps of 4 features (256 values),
   # 3 channel networks on 4x4x8 (128) and 4 final checkerboard networks on 4x4x8
-  assert recomputing() == [(4, True)] * 3 + [(8, False)] * 7
-  assert recomputing(recompute_blocks='all') == [(4, True)] * 3 + [(8, True)] * 7
-  assert recomputing(recompute_blocks='none') == [(4, False)] * 3 + [(8, False)] * 7
-  assert recomputing(recompute_blocks='largest', compute_dtype='bfloat16') == recomputing()
-  # auto: none with --recompute (each network runs again anyway); never in float64
-  assert recomputing(recompute=True) == [(4, False)] * 3 + [(8, False)] * 7
-  assert recomputing(recompute_blocks='all', dtype='float64') == recomputing(recompute=True)
-  # auto: none under mixed precision (half the activation memory already)
-  assert recomputing(compute_dtype='bfloat16') == [(4, False)] * 3 + [(8, False)] * 7
+  largest = [(4, 'blocks')] * 3 + [(8, 'batch_norm')] * 7
+  assert levels(recompute='largest_blocks') == largest
+  assert levels(recompute='largest_blocks', compute_dtype='bfloat16') == largest
+  for level in ('none', 'batch_norm', 'blocks', 'networks'):
+    assert levels(recompute=level) == [(4, level)] * 3 + [(8, level)] * 7
+  # auto: largest_blocks in float32, none under mixed precision (half the activation memory
+  # already)
+  assert levels() == largest
+  assert levels(compute_dtype='bfloat16') == [(4, 'none')] * 3 + [(8, 'none')] * 7
   # glow layout: each scale squeezes first, the same features at every scale: the first
-  # scale's 2 couplings (4x4 maps) recompute, the second's (2x2) not
-  assert recomputing(layout='glow', steps_per_scale=2) == [(4, True)] * 2 + [(4, False)] * 2
-
-
-def test_batch_norm_is_recomputed_in_float32_and_kept_under_mixed_precision_by_default():
-  from tfp_realnvp import RealNVP
-  def recomputing(**overrides):
-    model = RealNVP('cifar10', image_shape=(8, 8, 3), num_blocks=1, num_filters=4, **overrides)
-    return {n.recompute_batch_norm for n in model.flow_layers
-            if isinstance(n, nets.CouplingNet)}
-  assert recomputing() == {True}
-  assert recomputing(compute_dtype='bfloat16') == {False}
-  assert recomputing(compute_dtype='bfloat16', recompute_batch_norm='on') == {True}
-  assert recomputing(recompute_batch_norm='off') == {False}
+  # scale's 2 couplings (4x4 maps) recompute their blocks, the second's (2x2) not
+  assert levels(layout='glow', steps_per_scale=2) == [(4, 'blocks')] * 2 + [(4, 'batch_norm')] * 2
 
 
 def test_one_graph_may_run_many_flow_passes_at_once():

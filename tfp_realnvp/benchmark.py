@@ -6,10 +6,11 @@ coupling networks' layers: `2 * N * H * W * K_h * K_w * C_in * C_out` per convol
 padding, stride 1); a training step costs three times that (each convolution's two backprop ops
 cost as much as the forward). Other ops (elementwise, reductions) are left out: they are
 memory-bound and well under 1% of the FLOPs. The limit is the FLOP/s of the same convolutions run
-alone, forward and both backprops. These are the model's FLOPs: with `recompute` the step also runs
-each network forward again, a third more convolutions than it is credited with, and with
-`recompute_blocks` (by default in float32: the blocks on the largest maps, 24 of 80 at `cifar10`)
-the first convolution of each such block again (at `cifar10` about 4% more).
+alone, forward and both backprops. These are the model's FLOPs: with `recompute=networks` the step
+also runs each network forward again, a third more convolutions than it is credited with, and
+with `recompute=largest_blocks` (the default in float32: the blocks on the largest maps, 24 of 80
+at `cifar10`) or `blocks` the first convolution of each such block again (at `cifar10` about 4%
+more).
 """
 
 import collections

@@ -122,46 +122,34 @@ class RealNVP(ClassConditionalMethods, KerasTraining, keras.Model):
       filters *= 2 ** scale * (2 if kind == 'channel' else 1)
     return filters
 
-  def _recomputes_blocks(self, event_shape, filters):
-    """Whether a network's residual blocks recompute their first convolution in the backward
-    pass (`RealNVPConfig.recompute_blocks`): 'largest' on the largest maps, `H * W * filters`
-    (the first scale's; in the real_nvp layout its checkerboard networks, before the squeeze);
-    'auto' as 'largest' in float32, as 'none' under mixed precision or with `recompute` (which
-    runs each network again anyway). Never in float64, which keeps autodiff's tensors."""
-    mode = self.config.recompute_blocks
-    if self.config.dtype == 'float64':
-      return False
-    if mode == 'auto':
-      mode = 'none' if self.config.compute_dtype or self.config.recompute else 'largest'
-    if mode != 'largest':
-      return mode == 'all'
+  def _network_recompute(self, event_shape, filters):
+    """What a coupling network on `event_shape` with `filters` features recomputes
+    (`CouplingNet`'s `recompute`) for `RealNVPConfig.recompute`: 'auto' is 'largest_blocks' in
+    float32 and 'none' under mixed precision; 'largest_blocks' is 'blocks' on the model's
+    largest maps, `H * W * filters` (in the real_nvp layout the first scale's checkerboard
+    networks, before the squeeze; in glow's, every coupling after the first squeeze), and
+    'batch_norm' on the others."""
+    level = self.config.recompute
+    if level == 'auto':
+      level = 'none' if self.config.compute_dtype else 'largest_blocks'
+    if level != 'largest_blocks':
+      return level
     height, width = self.config.image_shape[:2]
     if self.config.layout == 'real_nvp':
       largest = height * width * self._network_filters(0, 'checkerboard')
     else:  # glow: every coupling after a squeeze
       largest = (height // 2) * (width // 2) * self._network_filters(0, 'channel')
-    return event_shape[0] * event_shape[1] * filters >= largest
+    return 'blocks' if event_shape[0] * event_shape[1] * filters >= largest else 'batch_norm'
 
   def _coupling_network(self, event_shape, scale, kind):
     filters = self._network_filters(scale, kind)
     policy = (f'mixed_{self.config.compute_dtype}' if self.config.compute_dtype
               else self.config.dtype)
     return CouplingNet(event_shape[-1], filters, self.config.num_blocks, l2=self.config.l2,
-                       momentum=self.config.batch_norm_momentum, recompute=self.config.recompute,
+                       momentum=self.config.batch_norm_momentum,
+                       recompute=self._network_recompute(event_shape, filters),
                        synchronized=self.config.sync_batch_norm, kind=self.config.network,
-                       num_classes=self.config.num_classes, dtype=policy,
-                       recompute_blocks=self._recomputes_blocks(event_shape, filters),
-                       recompute_batch_norm=self._recomputes_batch_norm())
-
-  def _recomputes_batch_norm(self):
-    """Whether the networks' batch norm -> ReLU -> convolution units run their batch norm and ReLU
-    again in the backward pass instead of keeping the ReLU's output
-    (`RealNVPConfig.recompute_batch_norm`): 'auto' in float32 (the memory), not under mixed
-    precision (the speed)."""
-    mode = self.config.recompute_batch_norm
-    if mode == 'auto':
-      return not self.config.compute_dtype
-    return mode == 'on'
+                       num_classes=self.config.num_classes, dtype=policy)
 
   def _batch_statistics(self):
     return BatchStatistics(self.config.batch_norm_momentum, self.config.sync_batch_norm,

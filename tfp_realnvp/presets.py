@@ -9,8 +9,12 @@ bounds and choices are there too; the launcher derives its flags from them.
 import dataclasses
 import math
 import numbers
+import warnings
 
 ARCHITECTURE, RUN = 'architecture', 'run'
+
+# `RealNVPConfig.recompute`, from the least memory saved to the most (and 'auto').
+RECOMPUTE = ('auto', 'none', 'batch_norm', 'largest_blocks', 'blocks', 'networks')
 
 
 class ConfigError(ValueError):
@@ -38,8 +42,7 @@ class RealNVPConfig:
   are options (`normalization='actnorm'`, `mixing='1x1_conv'`, `layout='glow'`,
   `network='glow'`; the `glow` preset has them all).
   Run settings (may change between runs of the same model): `batch_norm_momentum`, `l2`,
-  `learning_rate`, `clipnorm`, `compute_dtype`, `validate_args`, `recompute`,
-  `recompute_blocks`, `recompute_batch_norm`, `sync_batch_norm`.
+  `learning_rate`, `clipnorm`, `compute_dtype`, `validate_args`, `recompute`, `sync_batch_norm`.
   """
   image_shape: tuple = _field((32, 32, 3), ARCHITECTURE, '[H, W, C] of the images.', flag=False)
   num_scales: int = _field(2, ARCHITECTURE, 'Scales of the multi-scale architecture, the final '
@@ -86,27 +89,18 @@ class RealNVPConfig:
                               'AVX512_BF16/AMX) or float16 (GPUs).',
                               choices=(None, 'bfloat16', 'float16'), flag='mixed_precision')
   validate_args: bool = _field(True, RUN, 'Check pixel ranges and NaNs at run time.')
-  recompute: bool = _field(False, RUN, 'Keep no coupling-network activations for the gradient: '
-                           'the backward pass runs each network again (about a third more '
-                           'compute, a fraction of the memory).')
-  recompute_blocks: str = _field('auto', RUN, 'Residual blocks whose backward pass runs their '
-                                 'first convolution again instead of keeping its output (half '
-                                 'a block\'s activations, for one convolution more): largest, '
-                                 'those on the model\'s largest maps (H x W x features: the first '
-                                 'scale\'s checkerboard networks in the real_nvp layout); all; '
-                                 'none; auto, largest in float32 and none under mixed precision '
-                                 '(whose activations take half the memory) or with --recompute. '
-                                 'On one replica or with --nosync_batch_norm; not in float64.',
-                                 choices=('auto', 'largest', 'all', 'none'))
-  recompute_batch_norm: str = _field('auto', RUN, 'In each coupling network\'s batch norm -> '
-                                     'ReLU -> convolution unit, the backward pass runs the batch '
-                                     'norm and ReLU again from the unit\'s input instead of '
-                                     'keeping the ReLU\'s output: on (half the unit\'s '
-                                     'activations, for two elementwise passes more); off; auto, '
-                                     'on in float32 and off under mixed precision (cifar10, '
-                                     'bfloat16: about 3% faster steps for about 1 GiB more). On '
-                                     'one replica or with --nosync_batch_norm.',
-                                     choices=('auto', 'on', 'off'))
+  recompute: str = _field('auto', RUN, 'How much of the coupling networks\' forward pass the '
+                          'backward pass runs again to save memory, from least to most: none '
+                          '(autodiff keeps every activation; the fastest); batch_norm (each batch '
+                          'norm -> ReLU -> convolution unit keeps only its input: half its '
+                          'activations, for its batch norm and ReLU again); largest_blocks (also '
+                          'the residual blocks on the model\'s largest maps keep only their '
+                          'input, for their first convolution again); blocks (every residual '
+                          'block so); networks (no activations kept: each network runs again, '
+                          'about a third more compute); auto: largest_blocks in float32, none '
+                          'under mixed precision (whose activations take half the memory). '
+                          'Below networks, on one replica or with --nosync_batch_norm only, and '
+                          'not in float64.', choices=RECOMPUTE)
   sync_batch_norm: bool = _field(True, RUN, 'Batch statistics over every replica\'s batch, so '
                                  'the loss is the global batch\'s on any number of replicas (3 '
                                  'all-reduces per batch norm per step); false: each replica\'s '
@@ -116,6 +110,9 @@ class RealNVPConfig:
     if not (isinstance(self.image_shape, (tuple, list)) and len(self.image_shape) == 3):
       raise ConfigError(f'RealNVPConfig.image_shape must be [H, W, C], got {self.image_shape!r}.')
     object.__setattr__(self, 'image_shape', tuple(int(d) for d in self.image_shape))
+    if isinstance(self.recompute, bool):  # before it had levels
+      object.__setattr__(self, 'recompute', renamed_fields(
+          {'recompute': self.recompute}, warn=True)['recompute'])
     if min(self.image_shape) < 1:
       raise ConfigError(f'RealNVPConfig.image_shape must be positive, got {list(self.image_shape)}.')
     for field in dataclasses.fields(self):
@@ -130,6 +127,7 @@ class RealNVPConfig:
                         f'width must be multiples of {factor}; lower num_scales.')
 
   def replace(self, **overrides):
+    overrides = renamed_fields(overrides, warn=True, compute_dtype=self.compute_dtype)
     unknown = set(overrides) - set(FIELDS)
     if unknown:
       raise ConfigError(f'Unknown RealNVPConfig fields: {sorted(unknown)}; known: '
@@ -149,6 +147,7 @@ class RealNVPConfig:
     fields (in `what`)."""
     if not isinstance(values, dict):
       raise ConfigError(f'{what}: expected a dict of RealNVPConfig fields, got {values!r}.')
+    values = renamed_fields(values)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
       raise ConfigError(f'{what}: unknown RealNVPConfig fields {unknown} (known: '
@@ -162,6 +161,38 @@ class RealNVPConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RealNVPConfig)}
+
+# Fields that became `recompute`'s levels: `recompute` was a bool (True: 'networks').
+OLD_RECOMPUTE_FIELDS = ('recompute_blocks', 'recompute_batch_norm')
+
+
+def renamed_fields(values, warn=False, compute_dtype=None):
+  """`values` (config fields) with the old memory settings as `recompute`'s level: a boolean
+  `recompute` (True: networks; False: as the two others say), `recompute_blocks`
+  (auto|largest|all|none) and `recompute_batch_norm` (auto|on|off), as configs written before
+  they became one setting hold them (`compute_dtype`: the config's, where `values` lack it).
+  `warn`: a `DeprecationWarning` naming the level."""
+  old = {name: values[name] for name in OLD_RECOMPUTE_FIELDS if name in values}
+  if not old and not isinstance(values.get('recompute'), bool):
+    return values
+  values = {k: v for k, v in values.items() if k not in OLD_RECOMPUTE_FIELDS}
+  mixed = values.get('compute_dtype', compute_dtype) is not None
+  blocks, batch_norm = old.get('recompute_blocks', 'auto'), old.get('recompute_batch_norm', 'auto')
+  if values.get('recompute') is True:
+    level = 'networks'
+  elif blocks == 'auto' and batch_norm == 'auto':
+    level = 'auto'
+  else:
+    blocks = {'auto': 'none' if mixed else 'largest'}.get(blocks, blocks)
+    batch_norm = {'auto': 'off' if mixed else 'on'}.get(batch_norm, batch_norm)
+    level = {'all': 'blocks', 'largest': 'largest_blocks'}.get(
+        blocks, 'batch_norm' if batch_norm == 'on' else 'none')
+  if warn:
+    given = ', '.join(f'{k}={v!r}' for k, v in {**old, **(
+        {'recompute': True} if level == 'networks' else {})}.items())
+    warnings.warn(f'RealNVPConfig: {given} is now recompute={level!r} (one setting: '
+                  f'{", ".join(RECOMPUTE)}).', DeprecationWarning, stacklevel=3)
+  return {**values, 'recompute': level}
 
 
 def check_field(name, value):

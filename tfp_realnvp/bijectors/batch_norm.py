@@ -112,9 +112,9 @@ def as_bits(x):
 # In training, one traced function per shape serves every batch norm of that shape (the flow of
 # the small MNIST model has 16 in 5 shapes): tracing each copy in the step's graph (some 60 ops
 # with its gradient) was a tenth of that graph, and the graph's size is most of the first step.
-# The running averages leave as bits (integers), for the reasons of
-# `nets._residual_block_traced`. Training only, where the flow's batch norms run one after
-# another (see `nets._block_function`); it holds no convolution.
+# The running averages leave as bits (integers), for the reasons of the networks' shared
+# functions (`nets/network.py`). Training only, where the flow's batch norms run one after
+# another (see `nets.plan`); it holds no convolution.
 _normalize_traced = tf.function(_normalize_with_updates_as_bits, autograph=False,
                                 experimental_attributes={'_noinline': True})
 
@@ -144,8 +144,8 @@ def synchronized_moments(x, with_count=False, synchronized=True):
   batch alone.
 
   Across replicas, two all-reduces forward (the sums with the count, then the squared
-  deviations), however many channels, and two backward under autodiff (`normalize_by_batch` and
-  the networks' `_synchronized_bn_relu_conv` take one).
+  deviations), however many channels, and two backward under autodiff (`normalize_by_batch`
+  takes one).
   """
   context = tf.distribute.get_replica_context()
   local = not synchronized or one_replica()
