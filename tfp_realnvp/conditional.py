@@ -236,12 +236,17 @@ class ClassConditionalMethods:
 
   def class_log_likelihoods(self, images, seed=None):
     """`log p(x | y)` for every class: `[N, num_classes]`, each image dequantized once (the same
-    noise for every class; `seed` makes it repeatable)."""
+    noise for every class; `seed` makes it repeatable). The classes one after another through
+    one copy of the flow (`tf.map_fn`): a traced function holds the flow once, not once per
+    class (the first call of a 10-class `mnist` model took 5 s instead of 21 s), and only one
+    class's activations are alive at a time."""
     self._require_classes('class_log_likelihoods')
     pixels = self._pixels(images, 'uniform', seed)
     count = tf.shape(pixels)[0]
-    return tf.stack([self.log_prob(pixels, tf.fill([count], k))
-                     for k in range(self.num_classes)], axis=-1)
+    per_class = tf.map_fn(lambda k: self.log_prob(pixels, tf.fill([count], k)),
+                          tf.range(self.num_classes), fn_output_signature=pixels.dtype,
+                          parallel_iterations=1)
+    return tf.transpose(per_class)
 
   def marginal_log_prob(self, images, seed=None):
     """`log p(x) = log sum_y p(y) p(x | y)` (the class mixture, `model.distribution`'s density)

@@ -146,8 +146,10 @@ class ServingModule(tf.Module):
         images = _checked_batch(images, 'uint8 images', shape, 'classify')
         pixels = tf.cast(images, tf.float32) + 0.5
         count = tf.shape(pixels)[0]
-        joint = tf.stack([log_prob_given(pixels, tf.fill([count], k))
-                          for k in range(num_classes)], axis=-1) + model.prior.log_class_prior()
+        per_class = tf.map_fn(lambda k: log_prob_given(pixels, tf.fill([count], k)),
+                              tf.range(num_classes), fn_output_signature=tf.float32,
+                              parallel_iterations=1)  # one copy of the flow, as the model's
+        joint = tf.transpose(per_class) + model.prior.log_class_prior()
         return {'label': tf.argmax(joint, -1, output_type=tf.int32),
                 'probabilities': tf.nn.softmax(joint, -1),
                 'log_prob': tf.reduce_logsumexp(joint, -1)}

@@ -25,12 +25,12 @@ def evaluate_bits_per_dim(model, batches, noise_draws=1, seed=0, progress=None):
 
     @tf.function(reduce_retracing=True)
     def batch_sum(images, labels, batch_seed):
-      total = tf.zeros([], tf.float64)
-      for draw in range(noise_draws):
-        bits = model_ref().bits_per_dim(images, labels,
-                                        seed=batch_seed * noise_draws + draw + 1)
-        total += tf.reduce_sum(tf.cast(bits, tf.float64))
-      return total / noise_draws
+      def draw_sum(draw):  # the draws one after another through one copy of the flow
+        bits = model_ref().bits_per_dim(images, labels, seed=batch_seed * noise_draws + draw + 1)
+        return tf.reduce_sum(tf.cast(bits, tf.float64))
+      draws = tf.map_fn(draw_sum, tf.range(noise_draws, dtype=batch_seed.dtype),
+                        fn_output_signature=tf.float64, parallel_iterations=1)
+      return tf.reduce_sum(draws) / noise_draws
     _batch_sums[model][noise_draws] = batch_sum
 
   (total,), count = _sums_over_batches(batch_sum, batches, seed, progress)
