@@ -32,17 +32,14 @@ def randomize(layers, seed=0, scale=0.3, variance=(0.5, 2.0)):
 
 def log_det_by_autodiff(fn, x):
   """log|det J| of `fn` at each event of `x` [N, H, W, C], from a GradientTape Jacobian."""
-  results = []
-  for event in tf.unstack(x):
-    event = event[None]
+  @tf.function  # traced once for every event (the same shape): the Jacobian's loop once
+  def log_det(event):
     with tf.GradientTape() as tape:
       tape.watch(event)
       y = fn(event)
-    jac = tape.jacobian(y, event)
     size = int(np.prod(event.shape))
-    jac = tf.reshape(jac, [size, size])
-    results.append(tf.linalg.slogdet(jac)[1])
-  return tf.stack(results)
+    return tf.linalg.slogdet(tf.reshape(tape.jacobian(y, event), [size, size]))[1]
+  return tf.stack([log_det(event[None]) for event in tf.unstack(x)])
 
 
 TOLERANCE = {tf.float32: 2e-4, tf.float64: 1e-9}
