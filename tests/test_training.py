@@ -27,10 +27,10 @@ def test_training_on_real_digits_lowers_test_bits_per_dim(mnist):
   before = float(tf.reduce_mean(model.bits_per_dim(test, seed=0)))
   model.compile()
   dataset = tf.data.Dataset.from_tensor_slices(train).shuffle(4000, seed=0).repeat().batch(32)
-  history = model.fit(dataset, steps_per_epoch=100, epochs=2, verbose=0)
+  history = model.fit(dataset, steps_per_epoch=50, epochs=2, verbose=0)
   after = float(tf.reduce_mean(model.bits_per_dim(test, seed=0)))
   evaluated = model.evaluate(test, batch_size=250, verbose=0, return_dict=True)
-  print(f'mnist test bits/dim: {before:.3f} untrained -> {after:.3f} after 200 steps '
+  print(f'mnist test bits/dim: {before:.3f} untrained -> {after:.3f} after 100 steps '
         f'(evaluate: {evaluated["bits_per_dim"]:.3f})')
   assert before > 6. and after < 3.5
   assert evaluated['bits_per_dim'] == pytest.approx(after, abs=0.05)
