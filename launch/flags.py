@@ -35,13 +35,22 @@ def renamed_flags(argv):
   """`(argv, note)`: `argv` with the old memory flags (`--recompute` and `--norecompute`, a
   boolean before; `--recompute_blocks`, `--recompute_batch_norm`) as one `--recompute=LEVEL`,
   and a line saying so (None if there were none)."""
-  old, rest, args = {}, [argv[0]], iter(argv[1:])
-  for arg in args:
+  old, rest, args, new = {}, [argv[0]], list(argv[1:]), False
+  booleans = {'true': True, 'false': False, '1': True, '0': False}
+  for i, arg in enumerate(args):
     name, equals, value = arg.lstrip('-').partition('=')
-    if arg.startswith('-') and name in ('recompute', 'norecompute') and not equals:
+    if not arg.startswith('-') or arg in ('-', '--'):
+      rest.append(arg)
+    elif name == 'recompute' and (value or (args[i + 1:] or [''])[0]) in presets.RECOMPUTE:
+      new = True  # the flag as it is now, `--recompute=LEVEL` or `--recompute LEVEL`
+      rest.append(arg)
+    elif name == 'recompute' and equals and value.lower() in booleans:
+      old['recompute'] = booleans[value.lower()]
+    elif name in ('recompute', 'norecompute') and not equals:
       old['recompute'] = name == 'recompute'
     elif arg.startswith('-') and name in _OLD_RECOMPUTE_FLAGS:
-      value = value if equals else next(args, '')
+      if not equals:
+        value = args.pop(i + 1) if i + 1 < len(args) else ''
       if value not in _OLD_RECOMPUTE_FLAGS[name]:
         raise flags.Error(f'--{name}: expected one of {", ".join(_OLD_RECOMPUTE_FLAGS[name])}, '
                           f'got {value!r} (the flag is now --recompute=LEVEL).')
@@ -50,7 +59,12 @@ def renamed_flags(argv):
       rest.append(arg)
   if not old:
     return argv, None
-  mixed = next((a.partition('=')[2] for a in argv if a.startswith('--mixed_precision=')), None)
+  if new:
+    raise flags.Error(f'--recompute=LEVEL and the old {", ".join(f"--{k}" for k in old)} given '
+                      'together: give --recompute=LEVEL alone.')
+  mixed = next((a.partition('=')[2] or (argv[i + 2:] or [None])[0]
+                for i, a in enumerate(argv[1:]) if a.lstrip('-').startswith('mixed_precision')),
+               None)
   level = presets.renamed_fields({'recompute': False, **old}, compute_dtype=mixed)['recompute']
   given = ' '.join(f'--{"" if v else "no"}recompute' if k == 'recompute' else f'--{k}={v}'
                    for k, v in old.items())

@@ -324,6 +324,13 @@ def test_the_old_memory_flags_are_aliases_of_recompute():
     assert argv[-1] == f'--recompute={level}' and argv[:2] == ['train', '--epochs=1'], old
     assert f'is now --recompute={level}' in note, note
   assert renamed_flags(['train', '--recompute=blocks']) == (['train', '--recompute=blocks'], None)
+  assert renamed_flags(['train', '--recompute', 'blocks']) == (['train', '--recompute', 'blocks'],
+                                                               None)
+  assert renamed_flags(['train', '--recompute=true'])[0] == ['train', '--recompute=networks']
+  assert renamed_flags(['train', '--recompute_blocks=none', '--mixed_precision', 'bfloat16'])[0][
+      -1] == '--recompute=none'
+  with pytest.raises(absl_flags.Error, match='given together: give --recompute=LEVEL alone'):
+    renamed_flags(['train', '--recompute=networks', '--recompute_blocks=all'])
   with pytest.raises(absl_flags.Error, match=r"--recompute_blocks: expected one of auto, largest, "
                      r"all, none, got 'some' \(the flag is now --recompute=LEVEL\)"):
     renamed_flags(['train', '--recompute_blocks=some'])

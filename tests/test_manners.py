@@ -144,6 +144,12 @@ def test_the_old_memory_settings_are_read_as_recompute_levels():
                                                                   'batch_norm')):
     with pytest.warns(DeprecationWarning, match=f"are now recompute='{level}'"):
       assert rn.CouplingNet(2, 4, 1, **old).recompute == level
+  with pytest.raises(rn.presets.ConfigError, match='given together'):
+    rn.RealNVPConfig.from_dict({**written, 'recompute': 'networks', 'recompute_blocks': 'all'})
+  with pytest.warns(DeprecationWarning, match="recompute=False is now recompute='auto'"):
+    assert config.replace(recompute=False).recompute == 'auto'
+  assert rn.RealNVP({**written, 'image_shape': (8, 8, 1), 'num_scales': 2, 'recompute': False,
+                     'recompute_blocks': 'all'}).config.recompute == 'blocks'
   with pytest.raises(rn.presets.ConfigError, match="recompute must be one of 'auto', 'none', "
                      "'batch_norm', 'largest_blocks', 'blocks', 'networks', got 'all'"):
     config.replace(recompute='all')

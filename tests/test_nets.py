@@ -473,6 +473,34 @@ def test_a_network_recomputing_its_blocks_takes_the_block_that_keeps_its_input(r
   assert len(calls) == (1 if recompute == 'blocks' else 0)  # one trace serves the 3 blocks
 
 
+@pytest.mark.parametrize('recompute', ['none', 'batch_norm', 'blocks', 'networks'])
+def test_each_level_reaches_the_code_that_keeps_less(recompute, monkeypatch):
+  calls = {'unit': 0, 'block': 0, 'network': 0}
+
+  def spy(name, function):
+    def counted(*args, **kwargs):
+      calls[name] += 1
+      return function(*args, **kwargs)
+    return counted
+  monkeypatch.setattr(network, 'bn_relu_conv_keeping_input',
+                      spy('unit', network.bn_relu_conv_keeping_input))
+  monkeypatch.setattr(network, 'residual_block_keeping_input',
+                      spy('block', network.residual_block_keeping_input))
+  monkeypatch.setattr(network.tf, 'recompute_grad', spy('network', tf.recompute_grad))
+  # a shape of its own (11 features), so the shared functions are traced here
+  net = nets.CouplingNet(channels=2, num_filters=11, num_blocks=1, recompute=recompute)
+  x = tf.random.normal([2, 6, 6, 2])
+  net.build(x.shape)
+  _coupling_net_gradients(net, x)
+  # the output unit keeps only its input from batch_norm up to blocks; networks runs autodiff
+  # inside its rerun
+  assert calls == {'unit': int(recompute in ('batch_norm', 'blocks')) * (
+      1 + 2 * (recompute == 'batch_norm')), 'block': int(recompute == 'blocks'),
+                   'network': int(recompute == 'networks')}, calls
+  with pytest.raises(ValueError, match='for training'):
+    nets.residual_block(x, *[None] * 4, False, 0.9, 1e-4, recompute='blocks')
+
+
 def test_recompute_levels_per_network():
   from tfp_realnvp import RealNVP
   def levels(**overrides):

@@ -31,7 +31,7 @@ def _resolve_config(config, overrides):
   elif isinstance(config, str):
     config = presets.get(config)
   elif isinstance(config, dict):
-    config = presets.RealNVPConfig(**config)
+    config = presets.RealNVPConfig.from_dict(config)
   return config.replace(**overrides) if overrides else config
 
 

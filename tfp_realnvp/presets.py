@@ -175,6 +175,10 @@ def renamed_fields(values, warn=False, compute_dtype=None):
   old = {name: values[name] for name in OLD_RECOMPUTE_FIELDS if name in values}
   if not old and not isinstance(values.get('recompute'), bool):
     return values
+  if old and isinstance(values.get('recompute'), str):
+    raise ConfigError(f'RealNVPConfig: {", ".join(old)} and recompute={values["recompute"]!r} '
+                      f'given together; {", ".join(old)} became recompute\'s levels: give '
+                      'recompute alone.')
   values = {k: v for k, v in values.items() if k not in OLD_RECOMPUTE_FIELDS}
   mixed = values.get('compute_dtype', compute_dtype) is not None
   blocks, batch_norm = old.get('recompute_blocks', 'auto'), old.get('recompute_batch_norm', 'auto')
@@ -188,8 +192,8 @@ def renamed_fields(values, warn=False, compute_dtype=None):
     level = {'all': 'blocks', 'largest': 'largest_blocks'}.get(
         blocks, 'batch_norm' if batch_norm == 'on' else 'none')
   if warn:
-    given = ', '.join(f'{k}={v!r}' for k, v in {**old, **(
-        {'recompute': True} if level == 'networks' else {})}.items())
+    given = ', '.join(f'{k}={v!r}' for k, v in {
+        **({'recompute': values['recompute']} if 'recompute' in values else {}), **old}.items())
     warnings.warn(f'RealNVPConfig: {given} is now recompute={level!r} (one setting: '
                   f'{", ".join(RECOMPUTE)}).', DeprecationWarning, stacklevel=3)
   return {**values, 'recompute': level}

@@ -54,6 +54,8 @@ def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None, sy
   """`(conv(relu(bn(x))), updated running averages)` (`norm`: gamma, beta, running mean and
   variance; `conv`: v, g, bias; the convolution's input cast to `conv_dtype` if given).
   `keep_only_input` (training, one replica's statistics): `bn_relu_conv_keeping_input`."""
+  if keep_only_input and not training:
+    raise ValueError('bn_relu_conv: keep_only_input is for training (batch statistics).')
   if keep_only_input:
     return bn_relu_conv_keeping_input(x, norm, conv, momentum, epsilon, conv_dtype)
   h, updated = bn_relu(x, norm, training, momentum, epsilon, synchronized, conv_dtype)
@@ -68,6 +70,9 @@ def residual_block(x, norm1, conv1, norm2, conv2, training, momentum, epsilon,
   `recompute`, a level `plan` gave: 'blocks' keeps only `x` (`residual_block_keeping_input`);
   'batch_norm' keeps `x` and the first convolution's output (`bn_relu_conv_keeping_input`);
   'none' keeps what autodiff does."""
+  if recompute != 'none' and not training:
+    raise ValueError(f'residual_block: recompute={recompute!r} is for training (batch '
+                     'statistics); `plan` gives the level that applies.')
   if recompute == 'blocks':
     return residual_block_keeping_input(x, norm1, conv1, norm2, conv2, momentum, epsilon)
   keep = recompute == 'batch_norm'
