@@ -353,7 +353,14 @@ def test_progress_is_plain_lines_off_a_terminal_and_redrawn_on_one():
     progress.update(done)
   progress.close()
   lines = log.getvalue().splitlines()
-  assert lines[0].startswith('evaluate: 25/100 images (25%)') and len(lines) == 4
+  # the last count once: close() adds no copy of the line update(100) wrote
+  assert lines[0].startswith('evaluate: 25/100 images (25%)') and len(lines) == 3
+  assert lines[-1].startswith('evaluate: 100/100 images (100%)')
+  quiet = io.StringIO()  # no line written since the start: close() writes the count
+  progress = training.Progress('evaluate', total=100, stream=quiet, every_seconds=1e9)
+  progress.update(100)
+  progress.close()
+  assert quiet.getvalue().count('\n') == 1 and 'evaluate: 100/100' in quiet.getvalue()
   assert '\r' not in log.getvalue() and '\x1b' not in log.getvalue()
 
   class Terminal(io.StringIO):
@@ -373,7 +380,7 @@ def test_evaluation_reports_progress():
   training.evaluate_bits_per_dim(model, batches, progress=training.Progress(
       'evaluate', 40, stream=log, every_seconds=0))
   assert [line.split(' images')[0] for line in log.getvalue().splitlines()] == [
-      'evaluate: 16/40', 'evaluate: 32/40', 'evaluate: 40/40', 'evaluate: 40/40']
+      'evaluate: 16/40', 'evaluate: 32/40', 'evaluate: 40/40']
 
 
 # --- Strict files ------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class Progress:
     self.every_seconds = every_seconds
     self.interactive = interactive(self.stream)
     self.start = self._last = time.perf_counter()
-    self.done = 0
+    self.done, self._written = 0, None  # the count of the last plain line written
 
   def _line(self):
     elapsed = time.perf_counter() - self.start
@@ -63,11 +63,15 @@ class Progress:
     elif now - self._last >= self.every_seconds:
       self.stream.write(self._line() + '\n')
       self.stream.flush()
+      self._written = done
     else:
       return
     self._last = now
 
   def close(self):
+    """The last line (off a terminal, unless the last line written already had the count)."""
+    if not self.interactive and self._written == self.done:
+      return
     self.stream.write(('\r' + self._line() + '\x1b[K\n') if self.interactive else
                       self._line() + '\n')
     self.stream.flush()
