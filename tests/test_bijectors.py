@@ -392,6 +392,20 @@ def test_logit_round_trip_log_det_and_formula(dtype):
   np.testing.assert_allclose(fldj, expected, rtol=1e-5)
 
 
+def test_logit_inverse_of_extreme_latents_stays_inside_its_domain(dtype):
+  # sigmoid(y) rounds to 0 or 1 for large |y|: x landed on the domain's edge, and log_prob with
+  # validate_args refused a sample.
+  logit = Logit(SHAPE, dtype=dtype, validate_args=True)
+  y = tf.reshape(tf.constant([-200., -40., -20., 20., 40., 200.], dtype), [6, 1, 1, 1]) * tf.ones(
+      [6, *SHAPE], dtype)
+  x = logit.inverse(y)
+  low, high = 256. * -0.05 / 0.9, 256. * 0.95 / 0.9
+  assert (x.numpy() > np.asarray(low, dtype.as_numpy_dtype)).all()
+  assert (x.numpy() < np.asarray(high, dtype.as_numpy_dtype)).all()
+  y_again, log_det = logit.forward_and_log_det(tf.identity(x))  # checked: no error
+  assert np.isfinite(y_again.numpy()).all() and np.isfinite(log_det.numpy()).all()
+
+
 @pytest.mark.parametrize('bad', [-15., 271., np.nan])
 def test_logit_rejects_inputs_outside_its_domain(bad):
   logit = Logit(SHAPE, validate_args=True)

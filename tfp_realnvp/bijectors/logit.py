@@ -42,13 +42,22 @@ class Logit(FlowBijector):
 
   def _inverse_and_log_det(self, y, training):
     x = 256. * (tf.sigmoid(y) - self._alpha) / (1. - 2. * self._alpha)
-    return x, -self._log_det(y)
+    # Where sigmoid(y) rounds to 0 or 1 (|y| beyond about 17 in float32), x would land on the
+    # domain's edge, outside it: kept one float inside, so every sample has a finite density.
+    dtype = x.dtype.as_numpy_dtype
+    low, high = (np.nextafter(dtype(bound), dtype(toward))
+                 for bound, toward in zip(self._domain(), (np.inf, -np.inf)))
+    return tf.clip_by_value(x, low, high), -self._log_det(y)
+
+  def _domain(self):
+    """The open interval `(low, high)` of `x` where `p` lies in (0, 1)."""
+    return tuple(256. * np.array([-self._alpha, 1. - self._alpha]) / (1. - 2. * self._alpha))
 
   def checked_domain(self, x):
     """`x`, with a run-time check that it lies in the domain (the message names the bounds)."""
     # p must lie in (0, 1): x in (-256 alpha / (1 - 2 alpha), 256 (1 - alpha) / (1 - 2 alpha)), a bit
     # wider than [0, 256], the range that decoded latents can reach.
-    low, high = (256. * np.array([-self._alpha, 1. - self._alpha]) / (1. - 2. * self._alpha))
+    low, high = self._domain()
     message = (f'{self.name}: pixels must lie in the model\'s support, the logit\'s domain '
                f'({low:.3g}, {high:.4g}), which holds [0, 256) and every sample')
     with tf.control_dependencies([
