@@ -18,6 +18,18 @@ def _tensors(*variables):
   return tuple(tf.convert_to_tensor(ops.convert_to_tensor(v)) for v in variables)
 
 
+def _add_batch_norm_weights(layer, shape):
+  """`layer.gamma`, `beta`, `moving_mean`, `moving_variance` of `shape`, float32 even under
+  mixed precision (the fused kernel takes them so)."""
+  weight = dict(shape=shape, autocast=False)
+  layer.gamma = layer.add_weight(name='gamma', initializer='ones', **weight)
+  layer.beta = layer.add_weight(name='beta', initializer='zeros', **weight)
+  layer.moving_mean = layer.add_weight(name='moving_mean', initializer='zeros', trainable=False,
+                                       aggregation='mean', **weight)
+  layer.moving_variance = layer.add_weight(name='moving_variance', initializer='ones',
+                                           trainable=False, aggregation='mean', **weight)
+
+
 def _assign(variables, values):
   """Running averages <- their updates (there are none in inference)."""
   for variable, value in zip(variables, values or [None] * len(variables), strict=True):
@@ -95,15 +107,7 @@ class BatchNormalization(keras.layers.Layer):
     self.momentum, self.epsilon, self.synchronized = momentum, epsilon, synchronized
 
   def build(self, input_shape):
-    channels = (input_shape[-1],)
-    # float32 even under mixed precision: the fused kernel takes them so.
-    weight = dict(shape=channels, autocast=False)
-    self.gamma = self.add_weight(name='gamma', initializer='ones', **weight)
-    self.beta = self.add_weight(name='beta', initializer='zeros', **weight)
-    self.moving_mean = self.add_weight(name='moving_mean', initializer='zeros', trainable=False,
-                                       aggregation='mean', **weight)
-    self.moving_variance = self.add_weight(name='moving_variance', initializer='ones',
-                                           trainable=False, aggregation='mean', **weight)
+    _add_batch_norm_weights(self, (input_shape[-1],))
 
   @property
   def weights_for_call(self):
@@ -159,13 +163,7 @@ class ResidualBlocks(keras.layers.Layer):
     self.g = self.add_weight(shape=(*units, f), name='g', initializer='ones',
                              regularizer=L2(self.l2) if self.l2 else None)
     self.bias = self.add_weight(shape=(*units, f), name='bias', initializer='zeros')
-    norm = dict(shape=(*units, f), autocast=False)
-    self.gamma = self.add_weight(name='gamma', initializer='ones', **norm)
-    self.beta = self.add_weight(name='beta', initializer='zeros', **norm)
-    self.moving_mean = self.add_weight(name='moving_mean', initializer='zeros', trainable=False,
-                                       aggregation='mean', **norm)
-    self.moving_variance = self.add_weight(name='moving_variance', initializer='ones',
-                                           trainable=False, aggregation='mean', **norm)
+    _add_batch_norm_weights(self, (*units, f))
 
   @property
   def weights_for_call(self):
