@@ -63,6 +63,13 @@ def in_process(module, *args, required=('workdir',)):
   yield result
 
 
+def ok_in_process(module, *args):
+  """`in_process` of a command that must succeed; returns its result."""
+  with in_process(module, *args) as result:
+    assert result['code'] == 0, result['err'][-3000:]
+  return result
+
+
 @pytest.fixture(scope='module')
 def digits(tmp_path_factory):
   from sklearn.datasets import load_digits
@@ -99,32 +106,32 @@ def test_train_writes_metrics_config_samples_and_logs(trained):
 
 
 def test_evaluate_reproduces_the_training_runs_test_bits_per_dim(trained):
-  result = json.loads(ok(launch('evaluate', f'--workdir={trained}')).stdout.strip().splitlines()[-1])
+  result = json.loads(ok_in_process('evaluate', f'--workdir={trained}')['out'].strip().splitlines()[-1])
   assert result['step'] == 300
   assert result['test_bits_per_dim'] == pytest.approx(_metrics(trained)['test_bits_per_dim'],
                                                       abs=1e-6)
 
 
 def test_sample_grid_and_interpolation_pngs(trained, tmp_path):
-  ok(launch('sample', f'--workdir={trained}', '--num=16', '--temperature=0.7',
-            f'--out={tmp_path}/grid.png'))
+  ok_in_process('sample', f'--workdir={trained}', '--num=16', '--temperature=0.7',
+                f'--out={tmp_path}/grid.png')
   assert Image.open(tmp_path / 'grid.png').size == (4 * 9 + 1, 4 * 9 + 1)
-  ok(launch('sample', f'--workdir={trained}', '--interpolate', '--grid_size=5',
-            f'--out={tmp_path}/manifold.png'))
+  ok_in_process('sample', f'--workdir={trained}', '--interpolate', '--grid_size=5',
+                f'--out={tmp_path}/manifold.png')
   assert Image.open(tmp_path / 'manifold.png').size == (5 * 9 + 1, 5 * 9 + 1)
 
 
 def test_score_ranks_noise_below_digits(trained, digits, tmp_path):
   noise = np.random.default_rng(0).integers(0, 256, [3, 8, 8, 1], dtype=np.uint8)
   np.save(tmp_path / 'mixed.npy', np.concatenate([digits[1][1500:1510], noise]))
-  ok(launch('score', f'--workdir={trained}', f'--images={tmp_path}/mixed.npy',
-            f'--out={tmp_path}/scores.csv'))
+  ok_in_process('score', f'--workdir={trained}', f'--images={tmp_path}/mixed.npy',
+                f'--out={tmp_path}/scores.csv')
   with open(tmp_path / 'scores.csv') as f:
     bits = [float(row['bits_per_dim']) for row in csv.DictReader(f)]
   assert len(bits) == 13
   assert min(bits[10:]) > max(bits[:10])  # noise is out of distribution
-  ok(launch('score', f'--workdir={trained}', f'--images={tmp_path}/mixed.npy',
-            f'--out={tmp_path}/scores.json'))
+  ok_in_process('score', f'--workdir={trained}', f'--images={tmp_path}/mixed.npy',
+                f'--out={tmp_path}/scores.json')
   with open(tmp_path / 'scores.json') as f:
     assert [row['bits_per_dim'] for row in json.load(f)] == pytest.approx(bits)
 
@@ -240,8 +247,8 @@ def test_errors_are_one_clear_line(digits, trained, tmp_path):
 
 def test_train_with_xla_on_one_device(digits, tmp_path):
   workdir = str(tmp_path / 'xla')
-  ok(launch('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--epochs=1',
-            '--steps_per_epoch=5', '--strategy=one_device', '--jit_compile'))
+  ok_in_process('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--epochs=1',
+                '--steps_per_epoch=5', '--strategy=one_device', '--jit_compile')
   metrics = _metrics(workdir)
   assert (metrics['replicas'], metrics['steps']) == (1, 5)
   assert 0 < metrics['test_bits_per_dim'] < 20
@@ -270,13 +277,13 @@ def test_xla_on_two_replicas_refused_before_restart_moves_the_run(digits, tmp_pa
 
 def test_train_with_glows_layers_from_flags(digits, tmp_path):
   workdir = str(tmp_path / 'glow')
-  ok(launch('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--epochs=1',
-            '--steps_per_epoch=20', '--normalization=actnorm', '--mixing=1x1_conv'))
+  ok_in_process('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--epochs=1',
+                '--steps_per_epoch=20', '--normalization=actnorm', '--mixing=1x1_conv')
   with open(os.path.join(workdir, 'config.json')) as f:
     model = json.load(f)['model']
   assert (model['normalization'], model['mixing']) == ('actnorm', '1x1_conv')
   assert 0 < _metrics(workdir)['test_bits_per_dim'] < 20
-  ok(launch('evaluate', f'--workdir={workdir}'))
+  ok_in_process('evaluate', f'--workdir={workdir}')
 
 
 

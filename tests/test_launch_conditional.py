@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_launch import SMALL, _metrics, in_process, launch, ok
+from test_launch import SMALL, _metrics, in_process, ok_in_process
 
 
 @pytest.fixture(scope='module')
@@ -27,9 +27,9 @@ def labelled_digits(tmp_path_factory):
 def test_class_conditional_run_from_flags(labelled_digits, tmp_path):
   dataset, test_images, test_labels = labelled_digits
   workdir = str(tmp_path / 'conditional')
-  result = ok(launch('train', f'--workdir={workdir}', f'--dataset={dataset}', *SMALL,
-                     '--epochs=1', '--steps_per_epoch=120', '--conditional'))
-  assert 'class-conditional, 10 classes' in result.stdout
+  result = ok_in_process('train', f'--workdir={workdir}', f'--dataset={dataset}', *SMALL,
+                         '--epochs=1', '--steps_per_epoch=120', '--conditional')
+  assert 'class-conditional, 10 classes' in result['out']
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
   assert config['model']['num_classes'] == 10

@@ -16,7 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import randomize
-from test_launch import digits, in_process, launch, ok  # noqa: F401 (digits: a fixture)
+from test_launch import digits, in_process, launch, ok, ok_in_process  # noqa: F401 (digits: a fixture)
 import tfp_realnvp as rn
 from tfp_realnvp import training
 from tfp_realnvp.data import read_image_folder
@@ -226,8 +226,8 @@ def test_score_puts_each_score_on_its_file(tmp_path):
   for name, picture in pictures.items():
     Image.fromarray(picture).save(folder / name)
   (folder / 'b_notes.txt').write_text('not an image')
-  ok(launch('score', f'--workdir={workdir}', f'--images={folder}', f'--out={tmp_path}/s.csv',
-            '--noise_draws=1'))
+  ok_in_process('score', f'--workdir={workdir}', f'--images={folder}', f'--out={tmp_path}/s.csv',
+                '--noise_draws=1')
   with open(tmp_path / 's.csv') as f:
     rows = list(csv.DictReader(f))
   assert [row['image'] for row in rows] == sorted(pictures)
