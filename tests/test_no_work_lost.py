@@ -16,7 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import randomize
-from test_launch import digits, in_process, launch, ok, ok_in_process  # noqa: F401 (digits: a fixture)
+from test_launch import digits, in_process, ok_in_process  # noqa: F401 (digits: a fixture)
 import tfp_realnvp as rn
 from tfp_realnvp import training
 from tfp_realnvp.data import read_image_folder
@@ -27,12 +27,6 @@ CONFIG = rn.RealNVPConfig((8, 8, 1), num_scales=2, num_blocks=1, num_filters=4)
 # tests), at a third less tracing than two scales.
 SMALL = ['--preset=mnist', '--num_scales=1', '--num_blocks=1', '--num_filters=4',
          '--batch_size=32']
-
-
-def refused(result, message, returncode=2):
-  assert result.returncode == returncode, result.stderr[-3000:]
-  assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
-  return result
 
 
 def _model(seed=0):
@@ -250,7 +244,7 @@ def test_recovery_end_to_end_never_restarts_silently(digits, tmp_path):
   with in_process('train', *args, '--num_scales=5') as result:
     assert result['code'] == 2 and 'cannot be squeezed' in result['err']
   assert not os.path.exists(os.path.join(workdir, 'config.json'))
-  ok(launch('train', *args))
+  ok_in_process('train', *args)
   checkpoints = os.path.join(workdir, 'checkpoints')
   assert training.checkpoint_steps(workdir) == [20, 15, 10]
   _corrupt(os.path.join(checkpoints, 'ckpt-20'))
@@ -259,8 +253,8 @@ def test_recovery_end_to_end_never_restarts_silently(digits, tmp_path):
     assert result['code'] == 0, result['err'][-2000:]
     assert json.loads(result['out'].strip().splitlines()[-1])['step'] == 15
     assert 'skipped: ckpt-20 (' in result['err']
-  result = ok(launch('train', *args))  # resumes from 15, not 0; ckpt-20 is set aside
-  assert 'Resuming from step 15.' in result.stdout and 'ckpt-20 (' in result.stderr
+  result = ok_in_process('train', *args)  # resumes from 15, not 0; ckpt-20 is set aside
+  assert 'Resuming from step 15.' in result['out'] and 'ckpt-20 (' in result['err']
   assert training.checkpoint_steps(workdir) == [20, 15, 10]
   assert os.path.exists(os.path.join(checkpoints, 'unloadable', 'ckpt-20.index'))
   # None loads: refused, nothing touched; --restart keeps the old files aside.
@@ -302,10 +296,10 @@ def test_divergence_stops_the_run_keeps_good_checkpoints_and_resumes_at_a_lower_
   workdir = str(tmp_path / 'run')
   args = _train_args(workdir, digits[0], '--epochs=1', '--steps_per_epoch=40',
                      '--checkpoint_every_steps=1', '--keep_checkpoints=3', DIVERGING_SCALES)
-  result = refused(launch('train', *args, f'--learning_rate={DIVERGING_RATE}'),
-                   'Training diverged')
-  print(result.stderr.strip().splitlines()[-1])
-  diverged_at = int(result.stderr.split(' at step ')[1].split('.')[0])
+  with in_process('train', *args, f'--learning_rate={DIVERGING_RATE}') as result:
+    assert result['code'] == 2 and 'Training diverged' in result['err'], result['err'][-3000:]
+  print(result['err'].strip().splitlines()[-1])
+  diverged_at = int(result['err'].split(' at step ')[1].split('.')[0])
   steps = training.checkpoint_steps(workdir)
   assert steps and steps[0] == diverged_at - 2  # the weights that gave the NaN are set aside
   diverged = os.listdir(os.path.join(workdir, 'checkpoints', 'diverged'))
@@ -313,8 +307,8 @@ def test_divergence_stops_the_run_keeps_good_checkpoints_and_resumes_at_a_lower_
   assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
   # The same command with a lower rate resumes from what is kept (whose loss is finite, or the
   # divergence check would stop it at once) and finishes.
-  result = ok(launch('train', *args, '--learning_rate=1e-3'))
-  assert f'Resuming from step {steps[0]}.' in result.stdout
+  result = ok_in_process('train', *args, '--learning_rate=1e-3')
+  assert f'Resuming from step {steps[0]}.' in result['out']
   with open(os.path.join(workdir, 'metrics.json')) as f:
     metrics = json.load(f)
   assert metrics['steps'] == 40 and np.isfinite(metrics['test_bits_per_dim'])
