@@ -27,6 +27,7 @@ setuptools.setup(
         'pillow>=13,<14',
         'mlxtend>=0.25,<0.26',
         'scikit-learn>=1.9,<2',
+        'matplotlib>=3.11,<4',
     ],
     extras_require={'test': ['pytest>=9,<10', 'pytest-xdist>=3.8,<4']},
 )

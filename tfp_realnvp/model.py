@@ -197,6 +197,11 @@ class RealNVP(ClassConditionalMethods, KerasTraining, keras.Model):
       return pixels + tf.random.uniform(tf.shape(pixels), dtype=dtype)
     return pixels + tf.random.stateless_uniform(tf.shape(pixels), [seed, 0], dtype=dtype)
 
+  def dequantize(self, images, seed=None):
+    """Float pixels as `log_prob` takes them: uint8 images plus U[0, 1) noise (`seed` makes it
+    repeatable), float images as given."""
+    return self._pixels(images, 'uniform', seed)
+
   def _latent_log_prob(self, latent, labels):
     if labels is None:
       return self.distribution.distribution.log_prob(latent)

@@ -157,3 +157,18 @@ def latent_groups(image_shape, num_scales, layout='real_nvp'):
     return _depth_to_space(np.concatenate([factored, rest], axis=-1))
 
   return np.ascontiguousarray(groups(tuple(image_shape), 0, 0))
+
+
+def latent_levels(image_shape, num_scales):
+  """An int array `[H, W, C]`: the level of each element of `multiscale_flow`'s image-shaped
+  latent (0: the part factored out at the finest scale, ..., `num_scales - 1`: the last scale's
+  output). Both layouts factor out half the channels of the squeezed map."""
+  def levels(shape, scale):
+    h, w, c = shape
+    if scale == num_scales - 1:
+      return np.full(shape, scale)
+    factored = np.full((h // 2, w // 2, 2 * c), scale)
+    rest = levels((h // 2, w // 2, 2 * c), scale + 1)
+    return _depth_to_space(np.concatenate([factored, rest], axis=-1))
+
+  return np.ascontiguousarray(levels(tuple(image_shape), 0))
