@@ -523,6 +523,20 @@ def test_recompute_levels_per_network():
   assert levels(layout='glow', steps_per_scale=2) == [(4, 'blocks')] * 2 + [(4, 'batch_norm')] * 2
 
 
+def test_replicas_never_share_one_traced_network_function():
+  # Replicas run in threads of their own: through one traced function they would call it at
+  # once (the oneDNN kernels of the next test's crash). One replica may share it.
+  x = tf.zeros([2, 4, 4, 3])
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  assert len(devices) == 2, 'conftest configures two logical CPU devices'
+  for replicas, expected in ((devices, False), (devices[:1], True)):
+    strategy = training.mirrored_strategy(replicas)
+    shared = []
+    strategy.run(lambda: shared.append(network.plan('batch_norm', x, True, False)[1]))
+    assert shared == [expected] * len(replicas), replicas
+  assert network.plan('batch_norm', x, True, False) == ('batch_norm', True)  # no strategy
+
+
 def test_one_graph_may_run_many_flow_passes_at_once():
   # Independent passes in one graph (a log-density per class, several dequantization draws) run
   # concurrently. Through one shared block function they shared its oneDNN kernels and the

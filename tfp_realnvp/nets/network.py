@@ -7,7 +7,7 @@ What each choice was measured to buy is in `docs/design.md`.
 
 import tensorflow as tf
 
-from tfp_realnvp.bijectors.batch_norm import as_bits
+from tfp_realnvp.bijectors.batch_norm import as_bits, one_replica
 from tfp_realnvp.nets.ops import bn_relu, local_statistics, weight_norm_conv
 from tfp_realnvp.nets.recompute import bn_relu_conv_keeping_input, residual_block_keeping_input
 
@@ -28,12 +28,14 @@ def plan(recompute, x, training, synchronized):
     take one replica's batch statistics, float32 or narrower, and a batch that is not empty:
     elsewhere (statistics synchronized over several replicas, float64) autodiff keeps its
     tensors.
-  - `shared`: in training with one replica's statistics, the networks and blocks run through one
-    traced function per shape. Not in inference: there one graph may run several flow passes at
+  - `shared`: in training on one replica, the networks and blocks run through one traced
+    function per shape. Not in inference: there one graph may run several flow passes at
     once (a log-density per class, several dequantization draws), and concurrent calls of one
     function share its oneDNN CPU kernels, which crashed the process (`tests/test_nets.py`); a
-    training step's networks run one after another. Not with synchronized statistics either: a
-    cross-replica op cannot run inside a nested function.
+    training step's networks run one after another. Not on several replicas either: their
+    threads would call one function at once (on CPU devices, the same sharing: a full test run
+    crashed in the test after one that trained two logical CPUs with `sync_batch_norm=False`),
+    and with synchronized statistics a cross-replica op cannot run inside a nested function.
   """
   if recompute not in NETWORK_RECOMPUTE:
     raise ValueError(f'recompute must be one of {", ".join(NETWORK_RECOMPUTE)}, got '
@@ -46,7 +48,7 @@ def plan(recompute, x, training, synchronized):
     level = 'none'
   else:
     level = recompute
-  return level, local
+  return level, local and one_replica()
 
 
 def bn_relu_conv(x, norm, conv, training, momentum, epsilon, conv_dtype=None, synchronized=True,
