@@ -22,7 +22,7 @@ import tensorflow as tf
 from launch import common
 from launch import flags as launch_flags
 from tfp_realnvp import data as data_lib
-from tfp_realnvp import training
+from tfp_realnvp import ood, training
 
 FLAGS = launch_flags.FLAGS
 launch_flags.define_workdir()
@@ -35,6 +35,13 @@ launch_flags.define('string', 'labels', None, 'Class-conditional models: a .npy 
                     'sub-folders; none: score p(x), the class mixture).')
 launch_flags.define('integer', 'label', None, 'Class-conditional models: score every image as '
                     'this class.', lower_bound=0)
+launch_flags.define('list', 'method', ['bits_per_dim'], 'Scores to write, a column each '
+                    f'(higher = more anomalous): {", ".join(ood.METHODS)} (tfp_realnvp.ood; '
+                    'levels: a column per level).')
+launch_flags.define('string', 'background_workdir', None, 'likelihood_ratio\'s background model: a '
+                    'run trained with --background_noise.')
+launch_flags.define('integer', 'held_out_images', 1000, 'typicality and fitted: fit on this many of the '
+                    'run\'s test images.', lower_bound=2)
 
 BATCH = 256
 
@@ -122,12 +129,38 @@ def image_labels(model, count, found):
   return labels
 
 
+def other_scores(model, run_config, images):
+  """The --method scores other than bits_per_dim (`tfp_realnvp.ood`), `{column: [N]}`."""
+  methods = [m for m in FLAGS.method if m != 'bits_per_dim']
+  if not methods:
+    return {}
+  background = (training.restore_model(FLAGS.background_workdir)[0]
+                if FLAGS.background_workdir else None)
+  try:
+    scorer = ood.OODScorer(model, background)
+    ood.check_methods(methods, model, background)
+    fit = [m for m in methods if m in ('typicality', 'fitted')]
+    if fit:
+      data = common.run_data(run_config)
+      held_out = [e[0] if isinstance(e, tuple) else e for e in
+                  data.test.take(FLAGS.held_out_images).as_numpy_iterator()]
+      common.say(f'fitting {", ".join(fit)} on {len(held_out)} of the run\'s test images')
+      scorer.fit(np.stack(held_out), fit)
+    return scorer.score(images, methods)
+  except ValueError as e:
+    raise training.RunError(str(e)) from None
+
+
 def main(argv):
   del argv
   if not FLAGS.out.endswith(('.csv', '.json')):
     raise data_lib.DataError(f'--out={FLAGS.out}: give a .csv or .json file name.')
   common.check_output_file(FLAGS.out, 'out')
   model, run_config, step = training.restore_model(FLAGS.workdir)
+  unknown = [m for m in FLAGS.method if m not in ood.METHODS]  # before reading any image
+  if unknown:
+    raise training.RunError(f'Unknown score method {unknown[0]!r}; choose from '
+                            f'{", ".join(ood.METHODS)}.')
   images, names, found = read_images(FLAGS.images, model.image_shape,
                                      run_config['data'].get('class_names'),
                                      labelled=bool(model.num_classes))
@@ -150,7 +183,8 @@ def main(argv):
   for start in range(0, len(images), BATCH):
     batch = images[start:start + BATCH]
     batch_labels = None if labels is None else labels[start:start + BATCH]
-    draws = [score(batch, batch_labels, start * FLAGS.noise_draws + d + 1)
+    # seeded per batch as tfp_realnvp.ood.OODScorer does (its scores use the same noise)
+    draws = [score(batch, batch_labels, start // BATCH * FLAGS.noise_draws + d + 1)
              for d in range(FLAGS.noise_draws)]
     bits[start:start + len(batch)] = tf.reduce_mean(tf.stack(draws), 0).numpy()
     progress.update(start + len(batch))
@@ -163,6 +197,9 @@ def main(argv):
   if model.num_classes:
     rows = [{'image': row['image'], 'label': None if labels is None else int(labels[i]),
              'bits_per_dim': row['bits_per_dim']} for i, row in enumerate(rows)]
+  for name, values in other_scores(model, run_config, images).items():
+    for row, value in zip(rows, values):
+      row[name] = float(value)
   if FLAGS.out.endswith('.json'):
     with open(FLAGS.out, 'w') as f:
       json.dump(rows, f, indent=1)

@@ -18,10 +18,11 @@ import tensorflow as tf
 from launch import common
 from launch import flags as launch_flags
 from tfp_realnvp import hardware, training
-from tfp_realnvp.data import evaluation_batches, training_batches
+from tfp_realnvp.data import evaluation_batches, on_images, training_batches
 from tfp_realnvp.images import save_png
 from tfp_realnvp.model import RealNVP, to_uint8
 from tfp_realnvp.nets import CouplingNet
+from tfp_realnvp.ood import perturb
 
 FLAGS = launch_flags.FLAGS
 launch_flags.define_workdir('Directory of the run: config.json, checkpoints/, logs/ (TensorBoard), '
@@ -31,6 +32,10 @@ launch_flags.define_model()
 launch_flags.define_training()
 launch_flags.define_noise_draws()
 launch_flags.define_sampling()
+launch_flags.define('float', 'background_noise', 0., 'Train a background model (Ren et al., '
+                    '2019) for launch.ood\'s likelihood_ratio: each training image with this '
+                    'fraction of its pixels replaced by uniform noise (about 0.1-0.3; 0: the '
+                    'images as they are).', lower_bound=0., upper_bound=1.)
 launch_flags.define('bool', 'restart', False, 'Start from step 0 even if the workdir holds '
                     'checkpoints (they, the config, metrics and logs are moved to '
                     'WORKDIR/before-restart-TIME/, not deleted). For one run: a command rerun to '
@@ -66,7 +71,9 @@ def run_config(data, config, strategy):
                **({'class_names': list(data.class_names)} if data.labeled else {})},
       'train': {'batch_size': FLAGS.batch_size, 'epochs': FLAGS.epochs,
                 'replicas': strategy.num_replicas_in_sync, 'jit_compile': FLAGS.jit_compile,
-                'strategy': FLAGS.strategy, 'seed': FLAGS.seed, 'noise_draws': FLAGS.noise_draws},
+                'strategy': FLAGS.strategy, 'seed': FLAGS.seed, 'noise_draws': FLAGS.noise_draws,
+                **({'background_noise': FLAGS.background_noise} if FLAGS.background_noise
+                   else {})},
   }
 
 
@@ -84,6 +91,9 @@ def banner(model, config, data, strategy, global_batch, steps, start):
              f'{steps} steps/epoch, {FLAGS.epochs} epochs'
              f'{", XLA" if FLAGS.jit_compile else ""}'
              f'{", " + config.compute_dtype if config.compute_dtype else ""}')
+  if FLAGS.background_noise:
+    common.say(f'  background model: {FLAGS.background_noise:.0%} of each training image\'s '
+               'pixels replaced by noise (for launch.ood --background_workdir)')
   common.say(f'  {recompute_summary(model, config, strategy.num_replicas_in_sync)}')
   if config.compute_dtype:
     native, why = hardware.native_precision(config.compute_dtype)
@@ -184,6 +194,8 @@ def main(argv):
   multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
   integers = tf.int32 if multi_worker else tf.uint8
   batches = training_batches(data, global_batch, seed=FLAGS.seed, dtype=integers)
+  if FLAGS.background_noise:  # a background model learns from perturbed images
+    batches = batches.map(on_images(lambda x: perturb(x, FLAGS.background_noise)))
   # Validation bits/dim per epoch (Keras' evaluation: fresh noise each time) for TensorBoard.
   validation = evaluation_batches(data, global_batch, dtype=integers)
   started = time.time()
