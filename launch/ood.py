@@ -148,16 +148,19 @@ def main(argv):
   if held:
     scorer.fit(inside[:held], [m for m in methods if m in ('typicality', 'fitted')])
   in_scores = scorer.score(inside[held:], methods)
-  results, report, pictures = {}, {}, []
+  results, report, pictures, in_bits = {}, {}, [], None
   for name, file_name in zip(FLAGS.ood, file_names(FLAGS.ood)):
     images = images_of(name, ['test', 'train'], model.image_shape, FLAGS.max_images)
     common.say(f'  {name}: {len(images)} images')
     out_scores = scorer.score(images, methods)
     results[name] = {m: ood.separation(in_scores[m], out_scores[m]) for m in in_scores}
     if 'typicality' in methods and FLAGS.typicality_batch:
-      batches = typicality_batches(scorer, scorer.bits_per_dim(inside[held:]),
-                                   out_scores.get('bits_per_dim', scorer.bits_per_dim(images)),
-                                   FLAGS.typicality_batch)
+      if in_bits is None:
+        in_bits = (in_scores['bits_per_dim'] if 'bits_per_dim' in in_scores else
+                   scorer.bits_per_dim(inside[held:]))
+      batches = typicality_batches(
+          scorer, in_bits, out_scores['bits_per_dim'] if 'bits_per_dim' in out_scores else
+          scorer.bits_per_dim(images), FLAGS.typicality_batch)
       if batches:
         report.setdefault('typicality_batches', {})[name] = batches
     base = os.path.join(out_dir, file_name)
