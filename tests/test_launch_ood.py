@@ -119,7 +119,7 @@ def test_ood_and_score_refuse_bad_requests_in_one_line(runs, tmp_path, digits):
     assert result['code'] == 2 and 'empty' in result['err'] or 'no images' in result['err'], \
         result['err']
   with in_process('score', f'--workdir={workdir}', f'--images={tmp_path}/x.npy',
-                  '--method=bits_per_dim,lr') as result:
+                  f'--out={tmp_path}/s.csv', '--method=bits_per_dim,lr') as result:
     assert result['code'] == 2 and "Unknown score method 'lr'" in result['err']
 
 
