@@ -12,7 +12,7 @@ from tfp_realnvp import training
 
 # A large learning rate, so that a wrongly scaled gradient shows in the second epoch's loss, and a
 # clipping norm below the gradient's, so that clipping per replica instead of globally shows too.
-SMALL = rn.RealNVPConfig((8, 8, 2), num_scales=2, num_blocks=1, num_filters=4, learning_rate=1e-2,
+SMALL = rn.RealNVPConfig((8, 8, 2), num_scales=1, num_blocks=1, num_filters=4, learning_rate=1e-2,
                          clipnorm=1e-3)
 
 
