@@ -169,6 +169,8 @@ def test_bad_requests_are_one_line_errors():
   one_scale = ood.OODScorer(rn.RealNVP(CONFIG.replace(num_scales=1)))
   with pytest.raises(ValueError, match='levels scores need a model with levels'):
     one_scale.score(_images(2), ['levels'])
+  one_scale.fit(_images(10))  # by default fits what the model allows: typicality, not fitted
+  assert one_scale.score(_images(2), ['typicality'])['typicality'].shape == (2,)
   conditional = ood.OODScorer(rn.RealNVP(CONFIG.replace(num_classes=3)))
   with pytest.raises(ValueError, match='class-conditional'):
     conditional.score(_images(2), ['levels'])

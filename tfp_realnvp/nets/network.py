@@ -33,8 +33,8 @@ def plan(recompute, x, training, synchronized):
     once (a log-density per class, several dequantization draws), and concurrent calls of one
     function share its oneDNN CPU kernels, which crashed the process (`tests/test_nets.py`); a
     training step's networks run one after another. Not on several replicas either: their
-    threads would call one function at once (on CPU devices, the same sharing: a full test run
-    crashed in the test after one that trained two logical CPUs with `sync_batch_norm=False`),
+    threads would call one function at once (on CPU devices, the same sharing of oneDNN
+    kernels),
     and with synchronized statistics a cross-replica op cannot run inside a nested function.
   """
   if recompute not in NETWORK_RECOMPUTE:

@@ -138,9 +138,13 @@ class OODScorer:
 
   # -- fitting on held-out in-distribution images ---------------------------------------------------
 
-  def fit(self, held_out, methods=NEEDS_FIT):
+  def fit(self, held_out, methods=None):
     """Fits `typicality` (the mean bits/dim `H` of `held_out`, in-distribution images the model
-    did not train on) and `fitted` (a Gaussian over their features); returns self."""
+    did not train on) and `fitted` (a Gaussian over their features); returns self. `methods`:
+    those of the two to fit (default: each that the model allows: `fitted` needs levels)."""
+    if methods is None:
+      methods = [m for m in NEEDS_FIT if m == 'typicality' or
+                 (not self.model.num_classes and self.model.config.num_scales > 1)]
     methods = [m for m in check_methods(methods, self.model, self.background) if m in NEEDS_FIT]
     if 'typicality' in methods:
       self._held_out_bits = self.bits_per_dim(held_out)
