@@ -5,7 +5,7 @@ other image sets (AUROC, AUPR, FPR at 95% TPR), as a table, JSON and pictures.
       [--in=DATA] [--background_workdir=runs/mnist-background] [--methods=all]
 
 In-distribution: the test split of `--in` (default: the run's own dataset), never trained on; its
-first `--held_out` fraction fits `typicality` and `fitted` (`tfp_realnvp.ood`), the rest is
+first `--held_out` fraction fits `typicality`, `fitted` and `combined` (`tfp_realnvp.ood`), the rest is
 scored. Each `--ood` source (any data source launch.train reads) gives up to `--max_images`
 images, its test split first. Colour images are made grey for a grey model, and grey ones
 colour, with a note. Writes OUT_DIR/ood.json, and per OOD set a ROC-curve PNG and a PNG of the
@@ -38,7 +38,7 @@ launch_flags.define('list', 'methods', ['all'], 'Scores to measure: all, or some
                     f'{", ".join(ood.METHODS)}.')
 launch_flags.define('integer', 'max_images', 2000, 'Images per set at most.', lower_bound=1)
 launch_flags.define('float', 'held_out', 0.5, 'Fraction of the in-distribution test images that '
-                    'fits typicality and fitted (the rest is scored).', lower_bound=0.05,
+                    'fits typicality, fitted and combined (the rest is scored).', lower_bound=0.05,
                     upper_bound=0.95)
 launch_flags.define('integer', 'typicality_batch', 10, 'Batch size of the typicality test (0: '
                     'skip it).', lower_bound=0)
@@ -138,15 +138,16 @@ def main(argv):
   os.makedirs(out_dir, exist_ok=True)
   source = FLAGS['in'].value or run_config['data']['dataset']
   inside = images_of(source, ['test'], model.image_shape, FLAGS.max_images)
-  held = int(round(len(inside) * FLAGS.held_out)) if set(methods) & {'typicality', 'fitted'} else 0
+  held = int(round(len(inside) * FLAGS.held_out)) if set(methods) & set(ood.NEEDS_FIT) else 0
   if held and (held < 2 or held == len(inside)):
     raise DataError(f'{source}: {len(inside)} test images are too few to hold some out.')
   common.say(f'launch.ood: {model.name} at step {step} of {FLAGS.workdir}; in-distribution: '
              f'{source}, {len(inside) - held} test images scored'
-             + (f', {held} held out to fit typicality and fitted' if held else '')
+             + (f', {held} held out to fit ' + ', '.join(m for m in methods if m in ood.NEEDS_FIT)
+                if held else '')
              + f'; methods: {", ".join(methods)}')
   if held:
-    scorer.fit(inside[:held], [m for m in methods if m in ('typicality', 'fitted')])
+    scorer.fit(inside[:held], [m for m in methods if m in ood.NEEDS_FIT])
   in_scores = scorer.score(inside[held:], methods)
   results, report, pictures, in_bits = {}, {}, [], None
   for name, file_name in zip(FLAGS.ood, file_names(FLAGS.ood)):

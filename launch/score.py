@@ -39,9 +39,10 @@ launch_flags.define('list', 'method', ['bits_per_dim'], 'Scores to write, a colu
                     f'(higher = more anomalous): {", ".join(ood.METHODS)} (tfp_realnvp.ood; '
                     'levels: a column per level).')
 launch_flags.define('string', 'background_workdir', None, 'likelihood_ratio\'s background model: a '
-                    'run trained with --background_noise.')
-launch_flags.define('integer', 'held_out_images', 1000, 'typicality and fitted: fit on this many of the '
-                    'run\'s test images.', lower_bound=2)
+                    'run on the same data of local statistics (one scale) or with '
+                    '--background_noise.')
+launch_flags.define('integer', 'held_out_images', 1000, 'typicality, fitted, combined: fit on this '
+                    'many of the run\'s test images.', lower_bound=2)
 
 BATCH = 256
 
@@ -139,7 +140,7 @@ def other_scores(model, run_config, images):
   try:
     scorer = ood.OODScorer(model, background)
     ood.check_methods(methods, model, background)
-    fit = [m for m in methods if m in ('typicality', 'fitted')]
+    fit = [m for m in methods if m in ood.NEEDS_FIT]
     if fit:
       data = common.run_data(run_config)
       held_out = [e[0] if isinstance(e, tuple) else e for e in

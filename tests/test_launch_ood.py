@@ -5,6 +5,7 @@ scores' quality, which test_real_digits measures) and a background model trained
 
 import csv
 import json
+import math
 import os
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_ood_writes_a_table_json_and_pictures_per_set(runs, tmp_path):
   assert report['methods'] == list(ood.METHODS)  # all of them run here (a list: not sorted)
   assert report['in']['held_out'] + report['in']['scored'] == 50  # the digits' first 50
   columns = ['bits_per_dim', 'preprocessing', 'level_0', 'level_1', 'complexity',
-             'likelihood_ratio', 'typicality', 'fitted']
+             'likelihood_ratio', 'typicality', 'fitted', 'combined']
   assert sorted(report['results']) == sorted(sources)
   for source in sources:
     assert sorted(report['results'][source]) == sorted(columns)
@@ -129,15 +130,18 @@ def test_score_writes_a_column_per_method(runs, digits, tmp_path):
   np.save(tmp_path / 'some.npy', images)
   ok_in_process('score', f'--workdir={workdir}', f'--images={tmp_path}/some.npy',
                 f'--out={tmp_path}/s.csv', '--method=bits_per_dim,complexity,levels,'
-                'likelihood_ratio,typicality', f'--background_workdir={background}',
+                'likelihood_ratio,typicality,combined', f'--background_workdir={background}',
                 '--held_out_images=100')
   with open(tmp_path / 's.csv') as f:
     rows = list(csv.DictReader(f))
   assert list(rows[0]) == ['image', 'bits_per_dim', 'complexity', 'preprocessing', 'level_0',
-                           'level_1', 'likelihood_ratio', 'typicality']
+                           'level_1', 'likelihood_ratio', 'typicality', 'combined']
   bits = np.array([float(r['bits_per_dim']) for r in rows])
   png = ood.compressed_bits_per_dim(images)
   np.testing.assert_allclose([float(r['complexity']) for r in rows], bits - png, rtol=1e-4)
   levels = np.array([[float(r[c]) for c in ('preprocessing', 'level_0', 'level_1')]
                      for r in rows])
   np.testing.assert_allclose(levels.sum(-1), bits, rtol=1e-4)
+  # combined: -log10 of a Bonferroni-combined conformal p-value (2 scores, 100 held-out images)
+  combined = np.array([float(r['combined']) for r in rows])
+  assert np.all(combined >= 0) and np.all(combined <= math.log10(101 / 2) + 1e-9)

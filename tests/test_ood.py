@@ -112,6 +112,15 @@ def test_each_score_is_its_formula():
   centred = np.concatenate([levels, png[:, None]], -1) - mean
   expected = np.einsum('ni,ij,nj->n', centred, np.linalg.inv(covariance), centred)
   np.testing.assert_allclose(scores['fitted'], expected, rtol=1e-4)
+  # combined: -log10 of the Bonferroni-combined conformal p-values of typicality and the ratio
+  held_out_bits_bg = np.concatenate([background.bits_per_dim(held_out[i:i + 4], seed=i // 4 + 1)
+                                     .numpy() for i in range(0, 40, 4)])
+  reference = {'typicality': np.abs(held_out_bits - held_out_bits.mean()),
+               'likelihood_ratio': held_out_bits - held_out_bits_bg}
+  p_values = [(1 + (reference[m][None, :] >= scores[m][:, None]).sum(-1)) / 41 for m in reference]
+  expected = -np.log10(np.minimum(1., 2 * np.min(p_values, axis=0)))
+  np.testing.assert_allclose(scores['combined'], expected, rtol=1e-6)
+  assert scorer.combine == ('typicality', 'likelihood_ratio')
 
 
 def test_typicality_test_flags_a_shifted_batch_not_a_typical_one():
@@ -178,3 +187,74 @@ def test_bad_requests_are_one_line_errors():
   mixture = conditional.score(_images(2))['bits_per_dim']
   expected = -conditional.model.marginal_log_prob(_images(2), seed=1) / (64 * math.log(2.))
   np.testing.assert_allclose(mixture, expected, rtol=1e-5)
+
+
+def test_combined_flags_at_most_its_false_alarm_rate_and_catches_either_kind_of_outlier():
+  # Scores given directly (as from any model): held-out sets and in-distribution images from one
+  # distribution (conformal p-values are valid over the held-out draw: 200 draws here), and
+  # outliers that only one of the two combined scores sees.
+  scorer = ood.OODScorer(rn.RealNVP(CONFIG), combine=['typicality', 'complexity'])
+  rng = np.random.default_rng(0)
+  p = []
+  for _ in range(200):
+    scorer._held_out_scores = {'typicality': np.sort(rng.normal(size=999)),  # the fitted state
+                               'complexity': np.sort(rng.normal(size=999))}
+    p.append(scorer.combined_p_values({'typicality': rng.normal(size=500),
+                                       'complexity': rng.normal(size=500)}))
+  for alpha in (0.01, 0.05, 0.2):  # Bonferroni over 2 valid p-values: at most alpha, near it
+    assert alpha / 2 < np.mean(np.concatenate(p) <= alpha) <= alpha * 1.05
+  outliers = {'typicality': np.array([9., 0.]), 'complexity': np.array([0., 9.])}
+  assert np.all(scorer.combined_p_values(outliers) == 2 / 1000)  # each caught, by either score
+
+
+def test_combined_fits_what_it_combines_and_refuses_what_it_cannot():
+  model = rn.RealNVP(CONFIG)
+  scorer = ood.OODScorer(model, combine=['complexity', 'fitted']).fit(_varied_images(30),
+                                                                     ['combined'])
+  scores = scorer.score(_varied_images(5, seed=7), ['combined', 'complexity'])
+  assert set(scores) == {'combined', 'complexity'} and np.all(scores['combined'] >= 0)
+  with pytest.raises(ValueError, match="combined combines single scores, not 'levels'"):
+    ood.OODScorer(model, combine=['levels'])
+  with pytest.raises(ValueError, match='likelihood_ratio needs a background model'):
+    ood.OODScorer(model, combine=['likelihood_ratio'])
+  with pytest.raises(ValueError, match='combined needs held-out in-distribution images'):
+    ood.OODScorer(model).score(_images(2), ['combined'])
+
+
+def test_a_dataset_streams_and_scores_as_the_array_does():
+  model = rn.RealNVP(CONFIG)
+  images, held_out = _varied_images(10, seed=3), _varied_images(20, seed=4)
+  methods = ['bits_per_dim', 'levels', 'complexity', 'typicality', 'fitted', 'combined']
+  scorer = ood.OODScorer(model, batch_size=4).fit(held_out)
+  expected = scorer.score(images, methods)
+  single = tf.data.Dataset.from_tensor_slices(images)
+  for dataset in (single, single.batch(4), tf.data.Dataset.zip(single, single.map(lambda _: 0))):
+    scores = scorer.score(dataset, methods)
+    assert scores.keys() == expected.keys()
+    for name in expected:
+      np.testing.assert_allclose(scores[name], expected[name], rtol=1e-6, err_msg=name)
+  streamed = ood.OODScorer(model, batch_size=4).fit(tf.data.Dataset.from_tensor_slices(held_out))
+  np.testing.assert_allclose(streamed.score(images, ['fitted'])['fitted'], expected['fitted'],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match=r'Expected a dataset of images \[8, 8, 1\]'):
+    scorer.score(tf.data.Dataset.from_tensor_slices(_images(2, shape=(4, 4, 1))))
+  with pytest.raises(ValueError, match='empty set'):
+    scorer.score(single.take(0))
+
+
+def test_a_model_under_a_mirrored_strategy_scores_across_its_replicas():
+  from tfp_realnvp import training
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  reference = rn.RealNVP(CONFIG)
+  strategy = training.mirrored_strategy(devices)
+  with strategy.scope():
+    mirrored = rn.RealNVP(CONFIG)
+  mirrored.set_weights(reference.get_weights())
+  assert mirrored.distribute_strategy.num_replicas_in_sync == 2
+  # Float pixels (dequantized already: no noise), 7 of them: the replicas' parts 4 and 3.
+  images = np.random.default_rng(5).uniform(0, 256, [7, 8, 8, 1]).astype(np.float32)
+  expected = ood.OODScorer(reference, batch_size=7).score(images, ['bits_per_dim', 'levels'])
+  scores = ood.OODScorer(mirrored, batch_size=7).score(images, ['bits_per_dim', 'levels'])
+  for name in expected:
+    np.testing.assert_allclose(scores[name], expected[name], rtol=1e-5, err_msg=name)
+  assert ood.scores._split_sizes(7, 2) == [4, 3] and ood.scores._split_sizes(1, 2) == [1, 0]

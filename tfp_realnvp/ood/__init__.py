@@ -14,8 +14,8 @@ from tfp_realnvp.ood.complexity import available_compressors, compressed_bits_pe
 from tfp_realnvp.ood.levels import level_bits_per_dim, level_log_probs, level_names
 from tfp_realnvp.ood.metrics import histograms_png, roc_png, separation
 from tfp_realnvp.ood.background import perturb
-from tfp_realnvp.ood.scores import METHODS, OODScorer, check_methods
+from tfp_realnvp.ood.scores import METHODS, NEEDS_FIT, OODScorer, check_methods
 
-__all__ = ['METHODS', 'OODScorer', 'available_compressors', 'check_methods',
+__all__ = ['METHODS', 'NEEDS_FIT', 'OODScorer', 'available_compressors', 'check_methods',
            'compressed_bits_per_dim', 'histograms_png', 'latent_levels', 'level_bits_per_dim',
            'level_log_probs', 'level_names', 'perturb', 'roc_png', 'separation']

@@ -17,6 +17,13 @@ Methods (`bpd` = bits/dim under the model, `D` the image's dimensions):
   et al., 2019); `typicality_test` is its test for a batch.
 - `fitted`: the Mahalanobis distance of the features `[levels..., L(x) / D]` from a Gaussian fitted
   to those of held-out in-distribution images (in the spirit of DoSE, Morningstar et al., 2021).
+- `combined`: `-log10 p(x)`, `p(x)` the Bonferroni combination `min(1, k min_j p_j(x))` of the
+  conformal p-values `p_j(x) = (1 + #{held-out i: s_j(i) >= s_j(x)}) / (n + 1)` of `k` scores
+  `s_j` (default: `typicality`, and `likelihood_ratio` with a background model) against `n`
+  held-out in-distribution images. Each score catches another kind of outlier (typicality:
+  too likely or too unlikely; the ratio against a model of local pixel statistics: likely for
+  local reasons only), and `p(x) < alpha` flags at most a fraction `alpha` of in-distribution
+  images (as far as they are exchangeable with the held-out ones).
 
 A class-conditional model scores the class mixture `p(x) = sum_y p(y) p(x | y)`
 (`marginal_log_prob`); its per-level scores are not defined (the latent's Gaussian depends on the
@@ -31,9 +38,14 @@ import tensorflow as tf
 from tfp_realnvp.ood.complexity import compressed_bits_per_dim
 from tfp_realnvp.ood.levels import level_bits_per_dim, level_names
 
-METHODS = ('bits_per_dim', 'levels', 'complexity', 'likelihood_ratio', 'typicality', 'fitted')
+METHODS = ('bits_per_dim', 'levels', 'complexity', 'likelihood_ratio', 'typicality', 'fitted',
+           'combined')
 NEEDS_BACKGROUND = ('likelihood_ratio',)
-NEEDS_FIT = ('typicality', 'fitted')
+NEEDS_FIT = ('typicality', 'fitted', 'combined')
+# The per-image quantities each single-valued method is computed from (`combined`: its parts').
+QUANTITIES = {'bits_per_dim': ('bits',), 'levels': ('levels',), 'complexity': ('bits', 'compressed'),
+              'likelihood_ratio': ('bits', 'background'), 'typicality': ('bits',),
+              'fitted': ('levels', 'compressed')}
 
 
 def check_methods(methods, model=None, background=None):
@@ -60,55 +72,112 @@ def check_methods(methods, model=None, background=None):
 class OODScorer:
   """Out-of-distribution scores of `model` (see the module docstring), streamed over batches.
 
+  Images are uint8 arrays `[N, H, W, C]` or a `tf.data.Dataset` of images (or of `(image,
+  label)` pairs: the labels are ignored), single or batched: one pass over them computes every
+  quantity the methods need. A model built under a `tf.distribute` strategy with several
+  replicas scores each batch split across them (`model.distribute_strategy`).
+
   Args:
     model: a trained `RealNVP`.
     background: a second `RealNVP` of the same image shape, for `likelihood_ratio`.
     compressor: 'png', 'webp' or 'best', for `complexity` and `fitted`.
-    batch_size: images per model call.
+    batch_size: images per model call (of a dataset of single images too).
     seed: the dequantization noise's seed (repeatable scores).
+    combine: the methods `combined` combines (default: `typicality`, and `likelihood_ratio`
+      when a background model is given).
   """
 
-  def __init__(self, model, background=None, compressor='png', batch_size=256, seed=0):
+  def __init__(self, model, background=None, compressor='png', batch_size=256, seed=0,
+               combine=None):
     if background is not None and tuple(background.image_shape) != tuple(model.image_shape):
       raise ValueError(f'The background model is of images {list(background.image_shape)}, the '
                        f'model of {list(model.image_shape)}: train it on the same images.')
     self.model, self.background = model, background
     self.compressor, self.batch_size, self.seed = compressor, batch_size, seed
+    if combine is None:
+      combine = ['typicality'] + (['likelihood_ratio'] if background is not None else [])
+    combine = check_methods(combine, model, background)
+    for method in combine:
+      if method not in QUANTITIES or method == 'levels':
+        raise ValueError(f'combined combines single scores, not {method!r}; choose from '
+                         f'{", ".join(m for m in QUANTITIES if m != "levels")}.')
+    self.combine = tuple(combine)
     self.typical_bits_per_dim = None
-    self._held_out_bits = self._gaussian = None
+    self._held_out_bits = self._gaussian = self._held_out_scores = None
     self._functions = {}
 
   # -- per-image quantities, batched ---------------------------------------------------------------
 
-  def _traced(self, name, fn, images):
-    key = (name, images.dtype)
-    if key not in self._functions:
-      spec = tf.TensorSpec([None, *self.model.image_shape], images.dtype)
-      self._functions[key] = tf.function(fn, input_signature=[spec, tf.TensorSpec([], tf.int64)])
-    return self._functions[key]
+  def _function(self, name, dtype):
+    """The quantity `name` of a batch `(images, seed) -> [B, ...]`, traced once for any batch
+    size; on each replica of the model's strategy when it has several."""
+    key = (name, dtype)
+    if key in self._functions:
+      return self._functions[key]
+    fn = {'bits': self._bits(self.model), 'background': self._bits(self.background),
+          'levels': lambda x, seed: level_bits_per_dim(self.model, x, seed)}[name]
+    strategy = self.model.distribute_strategy
+    replicas = strategy.num_replicas_in_sync
+    spec = [tf.TensorSpec([None, *self.model.image_shape], dtype), tf.TensorSpec([], tf.int64)]
+    if replicas == 1:
+      traced = tf.function(fn, input_signature=spec)
+      run = lambda images, seed: traced(images, seed).numpy()  # noqa: E731
+    else:
+      traced = tf.function(lambda images, seed: strategy.run(fn, args=(images, seed)))
 
-  def _per_image(self, name, fn, images):
-    """`fn(images, seed)` over `images` in batches (one trace; each batch seeded by its index, as
-    `evaluate_bits_per_dim` does), concatenated as numpy."""
-    images = self._checked(images)
-    traced = self._traced(name, fn, images)
-    out = [traced(tf.constant(images[i:i + self.batch_size]),
-                  tf.constant(self.seed * 1_000_003 + i // self.batch_size + 1, tf.int64)).numpy()
-           for i in range(0, len(images), self.batch_size)]
-    return np.concatenate(out).astype(np.float64)
+      def run(images, seed):  # the batch split in order, one part per replica
+        parts = tf.split(images, _split_sizes(len(images), replicas))
+        inputs = strategy.experimental_distribute_values_from_function(
+            lambda context: parts[context.replica_id_in_sync_group])
+        outputs = strategy.experimental_local_results(traced(inputs, seed))
+        return np.concatenate([output.numpy() for output in outputs])
+    self._functions[key] = run
+    return run
 
-  def _checked(self, images):
-    images = np.asarray(images)
+  def _batches(self, images):
+    """The batches of `images` (an array or a `tf.data.Dataset`) as uint8 tensors, checked."""
     shape = tuple(self.model.image_shape)
+    if isinstance(images, tf.data.Dataset):
+      spec = images.element_spec
+      if isinstance(spec, tuple):
+        images, spec = images.map(lambda image, *_: image), spec[0]
+      if spec.shape.rank == 3:
+        images = images.batch(self.batch_size)
+      if spec.shape.rank not in (3, 4) or tuple(spec.shape[-3:]) != shape:
+        raise ValueError(f'Expected a dataset of images {list(shape)} (single or batched), got '
+                         f'elements of {spec.shape}.')
+      yield from images
+      return
+    images = np.asarray(images)
     if images.ndim != 4 or images.shape[1:] != shape:
       raise ValueError(f'Expected images [N, {", ".join(map(str, shape))}], got '
                        f'{list(images.shape)}.')
-    if not len(images):
+    for start in range(0, len(images), self.batch_size):
+      yield tf.constant(images[start:start + self.batch_size])
+
+  def quantities(self, images, names):
+    """`{name: [N] or [N, L] float64}` of the per-image quantities `names` over `images`, in one
+    pass over their batches (each batch's noise seeded by its index, as `evaluate_bits_per_dim`
+    does): 'bits' (bits/dim), 'background' (under the background model), 'levels' (the levels'
+    shares of bits/dim), 'compressed' (the compressor's bits/dim)."""
+    names = list(dict.fromkeys(names))
+    if 'background' in names and self.background is None:
+      raise ValueError('No background model given.')
+    out = {name: [] for name in names}
+    for index, batch in enumerate(self._batches(images)):
+      seed = tf.constant(self.seed * 1_000_003 + index + 1, tf.int64)
+      for name in names:
+        out[name].append(compressed_bits_per_dim(batch.numpy(), self.compressor)
+                         if name == 'compressed' else
+                         self._function(name, batch.dtype)(batch, seed))
+    if not out or not out[names[0]] or not sum(len(v) for v in out[names[0]]):
       raise ValueError('No images to score (an empty set).')
-    return images
+    return {name: np.concatenate(values).astype(np.float64) for name, values in out.items()}
 
   @staticmethod
   def _bits(model):
+    if model is None:
+      return None
     num_dims = math.prod(model.image_shape)
     if model.num_classes:
       return lambda x, seed: -model.marginal_log_prob(x, seed) / (num_dims * math.log(2.))
@@ -116,46 +185,50 @@ class OODScorer:
 
   def bits_per_dim(self, images):
     """`[N]` bits/dim under the model (the class mixture for a class-conditional one)."""
-    return self._per_image('bits', self._bits(self.model), images)
+    return self.quantities(images, ['bits'])['bits']
 
   def background_bits_per_dim(self, images):
-    if self.background is None:
-      raise ValueError('No background model given.')
-    return self._per_image('background', self._bits(self.background), images)
+    return self.quantities(images, ['background'])['background']
 
   def level_bits_per_dim(self, images):
     """`[N, 1 + num_scales]`: the levels' shares of bits/dim (`level_names` columns)."""
-    return self._per_image('levels', lambda x, seed: level_bits_per_dim(self.model, x, seed),
-                           images)
+    return self.quantities(images, ['levels'])['levels']
 
   def compressed_bits_per_dim(self, images):
-    return compressed_bits_per_dim(self._checked(images), self.compressor)
+    return self.quantities(images, ['compressed'])['compressed']
 
   def features(self, images):
     """`[N, F]`: the per-level bits/dim and the compressor's bits/dim (the `fitted` score's)."""
-    return np.concatenate([self.level_bits_per_dim(images),
-                           self.compressed_bits_per_dim(images)[:, None]], axis=-1)
+    return _features(self.quantities(images, ['levels', 'compressed']))
 
   # -- fitting on held-out in-distribution images ---------------------------------------------------
 
   def fit(self, held_out, methods=None):
-    """Fits `typicality` (the mean bits/dim `H` of `held_out`, in-distribution images the model
-    did not train on) and `fitted` (a Gaussian over their features); returns self. `methods`:
-    those of the two to fit (default: each that the model allows: `fitted` needs levels)."""
+    """Fits, on `held_out` (in-distribution images the model did not train on), `typicality`
+    (their mean bits/dim `H`), `fitted` (a Gaussian over their features) and `combined` (their
+    scores of the combined methods, which it fits first); returns self. `methods`: those of the
+    three to fit (default: each that the model allows: `fitted` needs levels)."""
     if methods is None:
-      methods = [m for m in NEEDS_FIT if m == 'typicality' or
+      methods = [m for m in NEEDS_FIT if m != 'fitted' or
                  (not self.model.num_classes and self.model.config.num_scales > 1)]
     methods = [m for m in check_methods(methods, self.model, self.background) if m in NEEDS_FIT]
+    if 'combined' in methods:
+      methods = list(dict.fromkeys([*(m for m in self.combine if m in NEEDS_FIT), *methods]))
+    needed = self._needs(methods + (list(self.combine) if 'combined' in methods else []))
+    values = self.quantities(held_out, needed)
     if 'typicality' in methods:
-      self._held_out_bits = self.bits_per_dim(held_out)
+      self._held_out_bits = values['bits']
       self.typical_bits_per_dim = float(np.mean(self._held_out_bits))
     if 'fitted' in methods:
       from sklearn.covariance import EmpiricalCovariance  # pylint: disable=import-outside-toplevel
-      features = self.features(held_out)
+      features = _features(values)
       if len(features) <= features.shape[1]:
         raise ValueError(f'fitted: {len(features)} held-out images for {features.shape[1]} '
                          'features; give more.')
       self._gaussian = EmpiricalCovariance().fit(features)
+    if 'combined' in methods:
+      scores = self._scores(values, self.combine)
+      self._held_out_scores = {m: np.sort(scores[m]) for m in self.combine}
     return self
 
   def typicality_test(self, batch_bits_per_dim, batch_size=None, false_alarm=0.01, draws=1000,
@@ -175,37 +248,61 @@ class OODScorer:
 
   # -- the scores -----------------------------------------------------------------------------------
 
+  def _needs(self, methods):
+    parts = [*methods, *(self.combine if 'combined' in methods else ())]
+    return list(dict.fromkeys(q for m in parts if m in QUANTITIES for q in QUANTITIES[m]))
+
   def score(self, images, methods=('bits_per_dim',)):
     """`{name: [N] float64}`, higher = more anomalous: a name per method, and a name per
-    column for `levels` (`preprocessing`, `level_0`, ...). Each quantity is computed once."""
+    column for `levels` (`preprocessing`, `level_0`, ...). One pass over `images`."""
     methods = check_methods(methods, self.model, self.background)
-    for method, fitted in (('typicality', self._held_out_bits), ('fitted', self._gaussian)):
-      if method in methods and fitted is None:
+    fitted = {'typicality': self._held_out_bits, 'fitted': self._gaussian,
+              'combined': self._held_out_scores}
+    for method in methods:
+      if method in fitted and fitted[method] is None:
         raise ValueError(f'{method} needs held-out in-distribution images: fit(held_out) first '
                          'with it among the methods.')
-    cache = {}
+    return self._scores(self.quantities(images, self._needs(methods)), methods)
 
-    def get(name, fn):
-      if name not in cache:
-        cache[name] = fn(images)
-      return cache[name]
-
-    bits = lambda: get('bits', self.bits_per_dim)  # noqa: E731
-    compressed = lambda: get('compressed', self.compressed_bits_per_dim)  # noqa: E731
-    levels = lambda: get('levels', self.level_bits_per_dim)  # noqa: E731
+  def _scores(self, values, methods):
+    """The scores of `methods` from the per-image quantities `values`."""
     scores = {}
-    for method in methods:
+    for method in [*methods, *(self.combine if 'combined' in methods else ())]:
+      if method in scores:
+        continue
       if method == 'bits_per_dim':
-        scores[method] = bits()
+        scores[method] = values['bits']
       elif method == 'levels':
-        scores.update(zip(level_names(self.model.config.num_scales), levels().T))
+        scores.update(zip(level_names(self.model.config.num_scales), values['levels'].T))
       elif method == 'complexity':
-        scores[method] = bits() - compressed()
+        scores[method] = values['bits'] - values['compressed']
       elif method == 'likelihood_ratio':
-        scores[method] = bits() - get('background', self.background_bits_per_dim)
+        scores[method] = values['bits'] - values['background']
       elif method == 'typicality':
-        scores[method] = np.abs(bits() - self.typical_bits_per_dim)
+        scores[method] = np.abs(values['bits'] - self.typical_bits_per_dim)
       elif method == 'fitted':
-        features = np.concatenate([levels(), compressed()[:, None]], axis=-1)
-        scores[method] = self._gaussian.mahalanobis(features)
-    return scores
+        scores[method] = self._gaussian.mahalanobis(_features(values))
+    if 'combined' in methods:
+      scores['combined'] = -np.log10(self.combined_p_values(scores))
+    return {name: scores[name] for name in scores
+            if name in methods or name not in METHODS}  # the levels' columns under their names
+
+  def combined_p_values(self, scores):
+    """`[N]`: the Bonferroni combination `min(1, k min_j p_j)` of the conformal p-values of the
+    combined methods' `scores` (`{method: [N]}`) against the held-out images' (`combined`)."""
+    if self._held_out_scores is None:
+      raise ValueError('combined needs fit(held_out) first with it among the methods.')
+    p_values = []
+    for method, reference in self._held_out_scores.items():
+      at_least = len(reference) - np.searchsorted(reference, scores[method], side='left')
+      p_values.append((1 + at_least) / (len(reference) + 1))
+    return np.minimum(1., len(p_values) * np.min(p_values, axis=0))
+
+
+def _features(values):
+  return np.concatenate([values['levels'], values['compressed'][:, None]], axis=-1)
+
+
+def _split_sizes(count, parts):
+  """`count` images in `parts` contiguous parts, as equal as they go (the first ones larger)."""
+  return [count // parts + (i < count % parts) for i in range(parts)]
