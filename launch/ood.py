@@ -42,6 +42,9 @@ launch_flags.define('float', 'held_out', 0.5, 'Fraction of the in-distribution t
                     upper_bound=0.95)
 launch_flags.define('integer', 'typicality_batch', 10, 'Batch size of the typicality test (0: '
                     'skip it).', lower_bound=0)
+launch_flags.define('enum', 'typicality_statistic', 'mean', 'The typicality test\'s batch '
+                    'statistic: mean (Nalisnick et al.) or median (robust to in-distribution '
+                    'outliers).', enum_values=['mean', 'median'])
 launch_flags.define('enum', 'compressor', 'png', 'Lossless compressor of complexity and fitted.',
                     enum_values=['png', 'webp', 'best'])
 launch_flags.define('string', 'out_dir', None, 'Where ood.json and the PNGs go (default: '
@@ -101,17 +104,16 @@ def table(results):
   return '\n'.join(lines)
 
 
-def typicality_batches(scorer, in_bits, out_bits, size):
+def typicality_batches(scorer, in_bits, out_bits, size, statistic):
   """The typicality test on batches of `size`: the fraction of OOD batches it flags and of
   in-distribution batches it flags (false alarms), and the AUROC of its statistic."""
-  def statistics(bits):
-    usable = len(bits) // size * size
-    return np.abs(bits[:usable].reshape(-1, size).mean(-1) - scorer.typical_bits_per_dim)
-  inside, outside = statistics(in_bits), statistics(out_bits)
-  if not len(inside) or not len(outside):
+  def batches(bits):
+    return bits[:len(bits) // size * size].reshape(-1, size)
+  if not len(batches(in_bits)) or not len(batches(out_bits)):
     return None
-  _, threshold = scorer.typicality_test(in_bits[:size], batch_size=size)
-  return {'batch_size': size, 'threshold': threshold,
+  inside, threshold = scorer.typicality_test(batches(in_bits), statistic=statistic)
+  outside, _ = scorer.typicality_test(batches(out_bits), statistic=statistic)
+  return {'batch_size': size, 'statistic': statistic, 'threshold': threshold,
           'ood_batches_flagged': float(np.mean(outside > threshold)),
           'in_batches_flagged': float(np.mean(inside > threshold)),
           'auroc': ood.separation(inside, outside)['auroc'],
@@ -161,7 +163,7 @@ def main(argv):
                    scorer.bits_per_dim(inside[held:]))
       batches = typicality_batches(
           scorer, in_bits, out_scores['bits_per_dim'] if 'bits_per_dim' in out_scores else
-          scorer.bits_per_dim(images), FLAGS.typicality_batch)
+          scorer.bits_per_dim(images), FLAGS.typicality_batch, FLAGS.typicality_statistic)
       if batches:
         report.setdefault('typicality_batches', {})[name] = batches
     base = os.path.join(out_dir, file_name)
@@ -172,7 +174,8 @@ def main(argv):
                                        f'scores of {source} (in) and {name} (OOD)'))
   common.say('\n' + table(results))
   for name, batches in report.get('typicality_batches', {}).items():
-    common.say(f'typicality test, batches of {batches["batch_size"]}: {name}: '
+    common.say(f'typicality test ({batches["statistic"]}), batches of {batches["batch_size"]}: '
+               f'{name}: '
                f'{batches["ood_batches_flagged"]:.0%} of OOD batches flagged, '
                f'{batches["in_batches_flagged"]:.0%} of in-distribution ones (AUROC '
                f'{batches["auroc"]:.3f})')

@@ -78,14 +78,15 @@ def test_ood_writes_a_table_json_and_pictures_per_set(runs, tmp_path):
     assert sum(line.startswith(source[:24]) for line in out.splitlines()) == len(columns)
   assert report['results'][sources[0]]['bits_per_dim']['out'] == 50  # test split, then train
   assert report['results'][sources[1]]['bits_per_dim']['out'] == 12
-  assert 'typicality test, batches of 10' in out
+  assert 'typicality test (mean), batches of 10' in out
   assert f'wrote: {tmp_path}/ood.json' in out
   # Some methods only (the typicality test still gets the bits/dim it needs).
   result = ok_in_process('ood', f'--workdir={workdir}', f'--ood={sources[0]}', '--max_images=50',
-                         '--methods=typicality,complexity', f'--out_dir={tmp_path}/some')
+                         '--methods=typicality,complexity', f'--out_dir={tmp_path}/some',
+                         '--typicality_statistic=median')
   with open(tmp_path / 'some' / 'ood.json') as f:
     assert sorted(json.load(f)['results'][sources[0]]) == ['complexity', 'typicality']
-  assert 'typicality test, batches of 10' in result['out']
+  assert 'typicality test (median), batches of 10' in result['out']
 
 
 def test_ood_and_score_refuse_bad_requests_in_one_line(runs, tmp_path, digits):

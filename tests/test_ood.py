@@ -131,6 +131,19 @@ def test_typicality_test_flags_a_shifted_batch_not_a_typical_one():
   assert statistic < threshold
   statistic, threshold = scorer.typicality_test(typical - 0.5)
   assert statistic > threshold
+  # Several batches at once; one far in-distribution outlier among the held-out images widens
+  # the mean's threshold past a shifted batch, not the median's.
+  batches = np.stack([typical[:10], typical[10:] - 0.5])
+  statistics, _ = scorer.typicality_test(batches)
+  assert statistics.shape == (2,) and statistics[1] == scorer.typicality_test(typical[10:] - 0.5)[0]
+  scorer._held_out_bits = np.append(scorer._held_out_bits, scorer.typical_bits_per_dim + 200.)
+  scorer.typical_bits_per_dim = scorer._held_out_bits.mean()
+  statistics, threshold = scorer.typicality_test(batches)
+  assert np.all(statistics < threshold)
+  statistics, threshold = scorer.typicality_test(batches, statistic='median')
+  assert statistics[0] < threshold < statistics[1]
+  with pytest.raises(ValueError, match="statistic must be 'mean' or 'median', got 'mode'"):
+    scorer.typicality_test(batches, statistic='mode')
 
 
 def test_separation_is_sklearns_and_fpr_at_95_tpr_counts_accepted_ood():

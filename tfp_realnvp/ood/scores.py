@@ -232,19 +232,27 @@ class OODScorer:
     return self
 
   def typicality_test(self, batch_bits_per_dim, batch_size=None, false_alarm=0.01, draws=1000,
-                      seed=0):
+                      seed=0, statistic='mean'):
     """Nalisnick et al.'s test for a batch: `(statistic, threshold)`, the batch is flagged as
-    out-of-distribution when `statistic > threshold`. `statistic = |mean(batch) - H|`; the
+    out-of-distribution when `statistic > threshold`. `statistic = |mean(batch) - H|`, `H` the
+    held-out images' mean bits/dim (`statistic='median'`: medians instead of means, robust to
+    the rare in-distribution image far from the rest, which sets the mean's threshold); the
     threshold is the `1 - false_alarm` quantile of the statistic over `draws` bootstrap batches of
-    the held-out images' bits/dim (of the batch's size, or `batch_size`)."""
+    the held-out images' bits/dim (of the batch's size, or `batch_size`). `batch_bits_per_dim`:
+    `[B]`, or `[M, B]` for `M` batches at once (then `statistic` is `[M]`)."""
     if self._held_out_bits is None:
       raise ValueError('typicality_test needs fit() on held-out in-distribution images first.')
+    if statistic not in ('mean', 'median'):
+      raise ValueError(f"statistic must be 'mean' or 'median', got {statistic!r}.")
+    centre = np.mean if statistic == 'mean' else np.median
+    typical = centre(self._held_out_bits)
     batch = np.asarray(batch_bits_per_dim, np.float64)
-    size = batch_size or len(batch)
+    size = batch_size or batch.shape[-1]
     rng = np.random.default_rng(seed)
-    boot = rng.choice(self._held_out_bits, (draws, size), replace=True).mean(-1)
-    threshold = float(np.quantile(np.abs(boot - self.typical_bits_per_dim), 1 - false_alarm))
-    return float(abs(batch.mean() - self.typical_bits_per_dim)), threshold
+    boot = centre(rng.choice(self._held_out_bits, (draws, size), replace=True), axis=-1)
+    threshold = float(np.quantile(np.abs(boot - typical), 1 - false_alarm))
+    value = np.abs(centre(batch, axis=-1) - typical)
+    return (float(value) if value.ndim == 0 else value), threshold
 
   # -- the scores -----------------------------------------------------------------------------------
 
