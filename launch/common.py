@@ -4,6 +4,7 @@ clear errors instead of tracebacks for the user's mistakes, checked output paths
 import difflib
 import functools
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -31,15 +32,31 @@ def fail(message):
   sys.exit(2)
 
 
+class Terminated(Exception):
+  """SIGTERM, as an exception: what is being written is removed (files are written whole or not
+  at all, `tfp_realnvp.files`), and the command ends promptly."""
+
+
+def _terminate(signum, frame):
+  del signum, frame
+  raise Terminated()
+
+
 def fail_clearly(main):
   """Turns the package's own errors (bad data, workdir, checkpoint, config, export) into one
-  line on stderr and exit status 2. Anything else (a bug) keeps its traceback."""
+  line on stderr and exit status 2, and SIGTERM or Ctrl-C into one line and 143 or 130 (128 +
+  the signal). Anything else (a bug) keeps its traceback."""
   @functools.wraps(main)
   def wrapped(argv):
     try:
       return main(argv)
     except USER_ERRORS as e:
       fail(e)
+    except (Terminated, KeyboardInterrupt) as e:
+      name, status = (('SIGTERM', 143) if isinstance(e, Terminated) else ('SIGINT', 130))
+      print(f'{_command()}: stopped by {name}; no partial output is left.', file=sys.stderr,
+            flush=True)
+      sys.exit(status)
     except Exception as e:  # a DataError raised inside a tf.data pipeline arrives as an OpError
       message = data_error_in(e)
       if message is None:
@@ -81,9 +98,11 @@ def _parser(required):
 
 def run(main, required=()):
   """`app.run(main)` for a command: `--help` lists the command's own flags; an unknown flag, a
-  bad value or a missing required flag is one line on stderr, exit status 2."""
+  bad value or a missing required flag is one line on stderr, exit status 2; SIGTERM ends it
+  promptly (`Terminated`)."""
   for name in launch_flags.OURS:  # --help lists them (the main module's key flags)
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+  signal.signal(signal.SIGTERM, _terminate)
   app.run(fail_clearly(main), flags_parser=_parser(required))
 
 

@@ -153,8 +153,12 @@ def define_training():
           lower_bound=1)
   define('integer', 'steps_per_epoch', None, 'Steps per epoch (default: one pass over the '
           'training split).', lower_bound=1)
-  define('enum', 'strategy', 'auto', 'auto: MirroredStrategy over local GPUs, else the CPU.',
+  define('enum', 'strategy', 'auto', 'auto: multi_worker in a Slurm job step of several tasks or '
+          'a TF_CONFIG cluster, else MirroredStrategy over local GPUs, else the CPU; '
+          'multi_worker: the cluster of TF_CONFIG, or of Slurm (srun).',
           enum_values=['auto', 'mirrored', 'multi_worker', 'one_device'])
+  define('integer', 'slurm_port', 8888, 'Multi-worker runs in Slurm: the first port of a node\'s '
+          'tasks (task i of a node listens on this + i).', lower_bound=1, upper_bound=65535)
   define('integer', 'cpu_devices', None, 'Split the CPU into this many logical devices (to try '
           'MirroredStrategy without GPUs).', lower_bound=1)
   define('bool', 'jit_compile', False, 'Compile the flow with XLA.')

@@ -23,6 +23,7 @@ from launch import common
 from launch import flags as launch_flags
 from tfp_realnvp import data as data_lib
 from tfp_realnvp import ood, training
+from tfp_realnvp.files import atomic_path
 
 FLAGS = launch_flags.FLAGS
 launch_flags.define_workdir()
@@ -201,11 +202,10 @@ def main(argv):
   for name, values in other_scores(model, run_config, images).items():
     for row, value in zip(rows, values):
       row[name] = float(value)
-  if FLAGS.out.endswith('.json'):
-    with open(FLAGS.out, 'w') as f:
+  with atomic_path(FLAGS.out) as temporary, open(temporary, 'w', newline='') as f:
+    if FLAGS.out.endswith('.json'):
       json.dump(rows, f, indent=1)
-  else:
-    with open(FLAGS.out, 'w', newline='') as f:
+    else:
       writer = csv.DictWriter(f, list(rows[0]) if rows else ['image', 'bits_per_dim'])
       writer.writeheader()
       writer.writerows(rows)

@@ -9,6 +9,7 @@ stops the run with an error, and a model that is not finite is never checkpointe
 """
 
 import os
+import sys
 import time
 
 import keras
@@ -91,6 +92,9 @@ def banner(model, config, data, strategy, global_batch, steps, start):
              f'{steps} steps/epoch, {FLAGS.epochs} epochs'
              f'{", XLA" if FLAGS.jit_compile else ""}'
              f'{", " + config.compute_dtype if config.compute_dtype else ""}')
+  cluster = training.cluster_description(strategy)
+  if cluster:
+    common.say(f'  cluster: {cluster}')
   if FLAGS.background_noise:
     common.say(f'  background model: {FLAGS.background_noise:.0%} of each training image\'s '
                'pixels replaced by noise (for launch.ood --background_workdir)')
@@ -133,7 +137,7 @@ def main(argv):
   del argv
   if FLAGS.cpu_devices:
     training.split_cpu(FLAGS.cpu_devices)
-  strategy = training.build_strategy(FLAGS.strategy)
+  strategy = training.build_strategy(FLAGS.strategy, FLAGS.slurm_port)
   chief = training.is_chief(strategy)
   if FLAGS.restart and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     raise training.RunError('--restart is not for multi-worker runs (workers would read the '
@@ -163,6 +167,8 @@ def main(argv):
     model.compile(jit_compile=FLAGS.jit_compile)
     checkpointer = training.Checkpointer(FLAGS.workdir, model, strategy, FLAGS.keep_checkpoints)
   start = checkpointer.restore_latest() or 0
+  if training.cluster_description(strategy):
+    training.check_same_start(strategy, start, checkpointer.directory)
   checkpointer.set_aside_skipped()  # newer, unloadable ones: kept aside, out of the rotation
   model.optimizer.learning_rate = config.learning_rate  # this run's, not the checkpoint's
   if start:
@@ -199,9 +205,26 @@ def main(argv):
   # Validation bits/dim per epoch (Keras' evaluation: fresh noise each time) for TensorBoard.
   validation = evaluation_batches(data, global_batch, dtype=integers)
   started = time.time()
-  history = training.fit_resumable(model, batches, FLAGS.epochs, steps, start, callbacks,
-                                   verbose=1 if terminal else 0, validation_data=validation)
+  # SIGTERM or Ctrl-C: the workers agree on a step, checkpoint it, and the run stops (42 or 130).
+  preemption = training.SaveOnPreemption(checkpointer, strategy)
+  callbacks.insert(1, preemption)  # after StopOnDivergence: a diverged step is never saved
+  try:
+    history = training.fit_resumable(model, batches, FLAGS.epochs, steps, start, callbacks,
+                                     verbose=1 if terminal else 0, validation_data=validation)
+  except training.Preempted as e:
+    where = e.path or os.path.join(checkpointer.directory, f'ckpt-{e.step}') + ' (the chief\'s)'
+    print(f'launch.train: stopped by {e.signal_name} at step {e.step}; checkpoint {where} '
+          f'written. Run the same command to resume from it (exit status {e.status}).',
+          file=sys.stderr, flush=True)
+    sys.exit(e.status)
+  finally:
+    preemption.close()
   train_seconds = time.time() - started
+  if preemption.signal_name:  # after the last step: training is over and checkpointed
+    print(f'launch.train: stopped by {preemption.signal_name} after the last step '
+          f'({checkpointer.step}, checkpointed); run the same command for the test evaluation '
+          f'and samples.', file=sys.stderr, flush=True)
+    sys.exit(training.INTERRUPTED if preemption.signal_name == 'SIGINT' else training.REQUEUE)
 
   progress = training.Progress('test evaluation', data.num_test) if chief else None
   test_bits = training.evaluate_bits_per_dim(model, evaluation_batches(data, global_batch),

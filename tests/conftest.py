@@ -1,5 +1,6 @@
 """Test set-up: two logical CPU devices (for MirroredStrategy tests) and shared helpers."""
 
+import gc
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -11,6 +12,15 @@ import tensorflow as tf  # noqa: E402
 _cpus = tf.config.list_physical_devices('CPU')
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_between_tests():
+  """Frees each test's TF objects (functions, iterators, strategies' resources) right after it,
+  while nothing runs, instead of whenever Python's collector next runs: in the middle of a
+  later test's `fit`, where a full-suite run crashed (segmentation fault) 3 times in 8."""
+  yield
+  gc.collect()
 
 
 def randomize(layers, seed=0, scale=0.3, variance=(0.5, 2.0)):

@@ -189,7 +189,7 @@ def export_saved_model(model, path):
     staging = tempfile.mkdtemp(prefix=f'.{name}.writing-', dir=parent)
   except OSError as e:  # a parent that is a file, a read-only folder
     raise ExportError(f'export_saved_model: cannot write in {parent} ({e}).') from None
-  from tfp_realnvp.training import current_umask  # pylint: disable=import-outside-toplevel
+  from tfp_realnvp.files import current_umask  # pylint: disable=import-outside-toplevel
   os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the export from other users
   previous = None
   try:

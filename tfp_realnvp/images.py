@@ -5,6 +5,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from tfp_realnvp.files import atomic_path
+
 
 def image_grid(images, columns=None, padding=1):
   """Tiles uint8 images `[N, H, W, C]` (C = 1 or 3) into one `[rows*H', cols*W', C]` array."""
@@ -24,7 +26,8 @@ def image_grid(images, columns=None, padding=1):
 
 
 def save_png(images, path, columns=None):
-  """Saves uint8 images `[N, H, W, C]` as one PNG grid at `path`."""
+  """Saves uint8 images `[N, H, W, C]` as one PNG grid at `path` (atomically)."""
   grid = image_grid(images, columns)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format='PNG')
+  with atomic_path(path) as temporary:  # whole or not at all
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(temporary, format='PNG')
   return path

@@ -3,6 +3,8 @@ metrics), and the pictures: ROC curves and score histograms, in vs out."""
 
 import numpy as np
 
+from tfp_realnvp.files import atomic_path
+
 
 def separation(in_scores, out_scores):
   """`{'auroc', 'aupr_in', 'aupr_out', 'fpr_at_95_tpr', 'in', 'out'}` for anomaly scores
@@ -40,10 +42,8 @@ def _pyplot():
 
 
 def _atomic_savefig(figure, path):
-  import os  # pylint: disable=import-outside-toplevel
-  temporary = f'{path}.tmp-{os.getpid()}.png'
-  figure.savefig(temporary, dpi=100)
-  os.replace(temporary, path)
+  with atomic_path(path) as temporary:
+    figure.savefig(temporary, dpi=100, format='png')
 
 
 def roc_png(curves, path, title):

@@ -10,6 +10,7 @@ import time
 
 import tensorflow as tf
 
+from tfp_realnvp.files import atomic_path
 from tfp_realnvp.training.errors import RunError
 from tfp_realnvp.training.strategies import is_chief
 
@@ -194,6 +195,5 @@ class Checkpointer:
     names = [f'ckpt-{s}' for s in reversed(steps)]
     lines = [f'model_checkpoint_path: "{names[-1]}"'] + [
         f'all_model_checkpoint_paths: "{name}"' for name in names]
-    with tempfile.NamedTemporaryFile('w', dir=self.directory, delete=False, suffix='.tmp') as f:
+    with atomic_path(path) as temporary, open(temporary, 'w') as f:
       f.write('\n'.join(lines) + '\n')
-    os.replace(f.name, path)

@@ -6,25 +6,10 @@ import json
 import math
 import os
 import socket
-import tempfile
 import time
 
+from tfp_realnvp.files import atomic_path, current_umask  # noqa: F401 (current_umask: re-exported)
 from tfp_realnvp.training.errors import RunError
-
-
-def current_umask():
-  """The process's umask, read without changing it (Linux: /proc/self/status); elsewhere, by
-  setting and restoring it."""
-  try:
-    with open('/proc/self/status') as f:
-      for line in f:
-        if line.startswith('Umask:'):
-          return int(line.split()[1], 8)
-  except OSError:
-    pass
-  umask = os.umask(0o022)
-  os.umask(umask)
-  return umask
 
 
 def _strict(value):
@@ -41,11 +26,8 @@ def _strict(value):
 def write_json_atomic(path, value):
   """Writes `value` as strict JSON (NaN and infinities as null) to `path` atomically, with the
   permissions of a new file under the umask."""
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, suffix='.tmp') as f:
+  with atomic_path(path) as temporary, open(temporary, 'w') as f:
     json.dump(_strict(value), f, indent=2, sort_keys=True, allow_nan=False)
-  os.chmod(f.name, 0o666 & ~current_umask())  # NamedTemporaryFile's 0600 would hide it
-  os.replace(f.name, path)
 
 
 _held_locks = []  # open lock files: closing one (or the process ending) releases its lock
