@@ -137,12 +137,25 @@ def test_latent_manifold_decodes_the_corners():
     np.testing.assert_allclose(grid[index], centres[image], atol=1e-2)
 
 
-def test_unknown_strategy_and_multi_worker_without_tf_config():
+def test_unknown_strategy_and_multi_worker_without_a_cluster(monkeypatch):
   with pytest.raises(training.RunError, match='Unknown strategy'):
     training.build_strategy('tpu')
-  os.environ.pop('TF_CONFIG', None)
-  with pytest.raises(training.RunError, match='TF_CONFIG'):
+  for name in [n for n in os.environ if n == 'TF_CONFIG' or n.startswith('SLURM_')]:
+    monkeypatch.delenv(name)
+  with pytest.raises(training.RunError, match=r'--strategy=multi_worker needs a cluster: neither '
+                     r'TF_CONFIG .* nor a Slurm job step \(srun: SLURM_PROCID\)'):
     training.build_strategy('multi_worker')
+  # What --strategy=auto goes by: the tasks of a Slurm job step, or of TF_CONFIG's cluster.
+  assert training.slurm_tasks() == 0 and training.tf_config_workers() == 0
+  monkeypatch.setenv('SLURM_PROCID', '1')
+  monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '4')
+  assert training.slurm_tasks() == 4
+  monkeypatch.setenv('TF_CONFIG', json.dumps({'cluster': {'chief': ['a:1'], 'worker': ['b:1', 'c:1']},
+                                              'task': {'type': 'worker', 'index': 0}}))
+  assert training.tf_config_workers() == 3
+  monkeypatch.setenv('TF_CONFIG', '{not json')
+  with pytest.raises(training.RunError, match='TF_CONFIG is not valid JSON'):
+    training.tf_config_workers()
 
 
 def test_xla_and_bfloat16_training_steps():

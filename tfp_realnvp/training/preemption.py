@@ -42,6 +42,7 @@ class Preempted(Exception):
   """Training stopped on a signal after checkpointing `step`; `status` is the exit status."""
 
   def __init__(self, step, signal_name, status, path):
+    signal_name = signal_name or 'a signal to another worker'
     super().__init__(f'stopped by {signal_name} at step {step}')
     self.step, self.signal_name, self.status, self.path = step, signal_name, status, path
 

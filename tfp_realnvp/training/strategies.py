@@ -23,10 +23,10 @@ def slurm_tasks():
 
 def tf_config_workers():
   """The number of tasks in TF_CONFIG's cluster, 0 without TF_CONFIG."""
+  if not os.environ.get('TF_CONFIG'):
+    return 0
   try:
     cluster = json.loads(os.environ['TF_CONFIG']).get('cluster', {})
-  except KeyError:
-    return 0
   except ValueError as e:
     raise RunError(f'TF_CONFIG is not valid JSON ({e}).') from None
   return sum(len(tasks) for tasks in cluster.values())
@@ -60,7 +60,7 @@ def build_strategy(name='auto', slurm_port=8888):
   if name == 'auto' and (slurm_tasks() > 1 or tf_config_workers() > 1):
     name = 'multi_worker'
   if name == 'multi_worker':  # before anything starts TF's runtime (listing logical devices does)
-    if 'TF_CONFIG' in os.environ:
+    if os.environ.get('TF_CONFIG'):
       return tf.distribute.MultiWorkerMirroredStrategy()
     if slurm_tasks():
       return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=SlurmCluster(slurm_port))

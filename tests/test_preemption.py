@@ -1,0 +1,229 @@
+"""Preemption and clusters, in real processes: SIGTERM or SIGINT during launch.train checkpoints
+the step it stops at and the rerun finishes the run; two workers (TF_CONFIG, or a Slurm job step
+faked in the environment) stop at the same step; a signal while a checkpoint is written leaves
+every checkpoint loadable; the other commands end on SIGTERM leaving no partial file."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tfp_realnvp import files, training
+from test_launch import ROOT, SMALL, digits, launch, ok  # noqa: F401 (digits: a fixture)
+
+STOPPED = re.compile(r'launch\.train: stopped by (.+?) at step (\d+); checkpoint (\S+)')
+
+
+def _train(workdir, data, *extra, env=None, log=None):
+  """A launch.train process whose output goes to the file `log` (pipes could fill and block)."""
+  return subprocess.Popen(
+      [sys.executable, '-m', 'launch.train', f'--workdir={workdir}', f'--dataset={data}', *SMALL,
+       '--log_every_steps=5', *extra], cwd=ROOT, env={**os.environ, **(env or {})},
+      stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(log, text, process, timeout=300):
+  deadline = time.time() + timeout
+  while True:
+    log.seek(0)
+    if text in log.read():
+      return
+    assert process.poll() is None, (f'ended before {text!r}', _read(log)[-3000:])
+    assert time.time() < deadline, (f'no {text!r}', _read(log)[-3000:])
+    time.sleep(0.05)
+
+
+def _read(log):
+  log.seek(0)
+  return log.read()
+
+
+def _stopped_at(output):
+  found = STOPPED.findall(output)
+  assert len(found) == 1, output[-3000:]
+  return found[0][0], int(found[0][1])
+
+
+def _loads(workdir, step):
+  """Whether the checkpoint at `step` loads (all of it, optimizer too) and is finite."""
+  model = training.model_from_run_config(training.read_run_config(workdir))
+  model.compile()
+  checkpointer = training.Checkpointer(workdir, model)
+  try:
+    checkpointer.checkpoint.read(os.path.join(workdir, 'checkpoints', f'ckpt-{step}')) \
+        .assert_existing_objects_matched()
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return training.all_finite(model.weights + model.optimizer.variables)
+
+
+def test_sigterm_checkpoints_the_step_it_stops_at_and_the_rerun_finishes(digits, tmp_path):
+  workdir = str(tmp_path / 'run')
+  args = ['--steps_per_epoch=200', '--epochs=2', '--checkpoint_every_steps=50']
+  with open(tmp_path / 'train.log', 'w+') as log:
+    process = _train(workdir, digits[0], *args, log=log)
+    _wait_for(log, 'step 60/', process)  # after a periodic checkpoint, mid-epoch
+    signalled = time.time()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    seconds = time.time() - signalled
+    output = _read(log)
+  assert process.returncode == training.REQUEUE == 42, output[-3000:]
+  name, step = _stopped_at(output)
+  print(f'SIGTERM -> exit: {seconds:.1f} s, stopped at step {step}')
+  assert name == 'SIGTERM' and 60 <= step < 400 and step % 50  # not a periodic checkpoint
+  assert 'Run the same command to resume from it (exit status 42)' in output
+  assert training.checkpoint_steps(workdir)[0] == step and _loads(workdir, step)
+  result = ok(launch('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, *args))
+  assert f'Resuming from step {step}.' in result.stdout
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    assert json.load(f)['steps'] == 400  # as an uninterrupted run: no step lost or repeated
+
+
+def test_a_signal_while_checkpointing_leaves_every_checkpoint_loadable(digits, tmp_path):
+  # A checkpoint every step, so that the signals land while one is written; a second signal
+  # soon after the first, at several moments.
+  workdir = str(tmp_path / 'run')
+  args = ['--steps_per_epoch=400', '--epochs=1', '--checkpoint_every_steps=1',
+          '--keep_checkpoints=2']
+  cases = [(signal.SIGTERM, 0.0, 42), (signal.SIGTERM, 0.03, 42), (signal.SIGINT, 0.01, 130)]
+  for index, (signum, delay, status) in enumerate(cases):
+    with open(tmp_path / f'train{index}.log', 'w+') as log:
+      process = _train(workdir, digits[0], *args, log=log)
+      _wait_for(log, 'step 10/' if index == 0 else 'Resuming from step', process)
+      time.sleep(0.3 * index)
+      process.send_signal(signum)
+      time.sleep(delay)
+      if process.poll() is None:
+        process.send_signal(signum)  # a second one, while the first is being handled
+      process.wait(timeout=120)
+      output = _read(log)
+    assert process.returncode == status, output[-3000:]
+    steps = training.checkpoint_steps(workdir)
+    assert steps and all(_loads(workdir, step) for step in steps), (index, steps)
+    if signum == signal.SIGTERM:  # a second SIGTERM changes nothing: the agreed step is saved
+      assert _stopped_at(output)[1] == steps[0]
+    else:  # a second Ctrl-C stops at once: maybe before the save, never with a broken file
+      assert 'stopped by SIGINT' in output
+    assert not [name for name in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if name.endswith('.tmp')]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_slurm_tasks_train_together_and_stop_at_one_step(digits, tmp_path):
+  """A Slurm job step of two tasks on this machine (the variables Slurm sets; TF's resolver
+  expands the node list itself): --strategy=auto picks multi-worker; SIGTERM to one task stops
+  both at the same step; a task that cannot see the chief's checkpoints refuses to start over."""
+  workdir, alone = str(tmp_path / 'run'), str(tmp_path / 'elsewhere')
+  args = ['--batch_size=16', '--steps_per_epoch=300', '--epochs=1', '--checkpoint_every_steps=100']
+  environ = {k: v for k, v in os.environ.items() if k != 'TF_CONFIG'}
+
+  def start(workdirs, logs):
+    port = _free_port()
+    return [subprocess.Popen(
+        [sys.executable, '-m', 'launch.train', f'--workdir={w}', f'--dataset={digits[0]}', *SMALL,
+         '--log_every_steps=5', *args, f'--slurm_port={port}'], cwd=ROOT, stdout=log,
+        stderr=subprocess.STDOUT, text=True,
+        env={**environ, 'SLURM_PROCID': str(rank), 'SLURM_STEP_NUM_TASKS': '2',
+             'SLURM_NTASKS': '2', 'SLURM_STEP_NODELIST': 'localhost',
+             'SLURM_STEP_TASKS_PER_NODE': '2'})
+        for rank, (w, log) in enumerate(zip(workdirs, logs))]
+
+  logs = [open(tmp_path / f'task{rank}.log', 'w+') for rank in range(2)]
+  try:
+    processes = start([workdir, workdir], logs)
+    _wait_for(logs[0], 'step 20/', processes[0])
+    processes[1].send_signal(signal.SIGTERM)
+    for process in processes:
+      process.wait(timeout=300)
+    outputs = [_read(log) for log in logs]
+    assert [p.returncode for p in processes] == [42, 42], [o[-2000:] for o in outputs]
+    assert '2 workers from Slurm (this is worker 0; the chief: worker 0 at localhost:' \
+        in outputs[0]
+    assert 'CollectiveAllReduceStrategy, 2 replica(s)' in outputs[0]  # auto: multi-worker
+    (first, step), (second, other) = _stopped_at(outputs[0]), _stopped_at(outputs[1])
+    assert step == other and second == 'SIGTERM' and 'another worker' in first
+    assert training.checkpoint_steps(workdir)[0] == step
+    # Only the chief writes in the workdir (task 1's checkpoints go to a temporary folder).
+    assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'logs', 'train.lock']
+    assert all(re.fullmatch(r'ckpt-\d+\.(index|data-.*)|checkpoint', name)
+               for name in os.listdir(os.path.join(workdir, 'checkpoints')))
+    # A task that sees no checkpoint while the chief resumes: both stop, one line each.
+    for log in logs:
+      log.truncate(0)
+    processes = start([workdir, alone], logs)
+    for process in processes:
+      process.wait(timeout=300)
+    for process, log in zip(processes, logs):
+      errors = [line for line in _read(log).splitlines() if line.startswith('error:')]
+      assert process.returncode == 2 and len(errors) == 1, _read(log)[-2000:]
+      assert f'The workers would resume from different steps (0, {step})' in errors[0]
+    assert not os.path.exists(os.path.join(alone, 'checkpoints'))
+    # The rerun resumes both at the step and ends where an uninterrupted run does.
+    for log in logs:
+      log.truncate(0)
+    processes = start([workdir, workdir], logs)
+    for process, log in zip(processes, logs):
+      process.wait(timeout=300)
+      assert process.returncode == 0, _read(log)[-3000:]
+      assert f'Resuming from step {step}.' in _read(log)
+    with open(os.path.join(workdir, 'metrics.json')) as f:
+      metrics = json.load(f)
+    assert metrics['steps'] == 300 and metrics['replicas'] == 2
+  finally:
+    for log in logs:
+      log.close()
+
+
+def test_other_commands_end_on_sigterm_leaving_no_partial_file(digits, tmp_path):
+  workdir = str(tmp_path / 'run')
+  ok(launch('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, '--epochs=1',
+            '--steps_per_epoch=2'))
+  many = np.tile(digits[1], (60, 1, 1, 1))  # about 100,000 images: long enough to interrupt
+  np.save(tmp_path / 'many.npy', many)
+  out = tmp_path / 'out'
+  out.mkdir()
+  with open(tmp_path / 'score.log', 'w+') as log:
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'launch.score', f'--workdir={workdir}',
+         f'--images={tmp_path}/many.npy', f'--out={out}/scores.csv', '--noise_draws=4'],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    _wait_for(log, 'launch.score:', process)
+    time.sleep(1)
+    signalled = time.time()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    output = _read(log)
+  assert process.returncode == 143, output[-2000:]
+  assert time.time() - signalled < 30
+  assert 'launch.score: stopped by SIGTERM; no partial output is left.' in output
+  assert os.listdir(out) == []
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+  path = tmp_path / 'a.json'
+  path.write_text('old')
+  with pytest.raises(KeyboardInterrupt):
+    with files.atomic_path(str(path)) as temporary:
+      with open(temporary, 'w') as f:
+        f.write('half of the new')
+      raise KeyboardInterrupt
+  assert path.read_text() == 'old' and os.listdir(tmp_path) == ['a.json']
+  with files.atomic_path(str(path), '.png') as temporary:
+    assert temporary.endswith('.png') and os.path.dirname(temporary) == str(tmp_path)
+    with open(temporary, 'w') as f:
+      f.write('new')
+  assert path.read_text() == 'new' and os.listdir(tmp_path) == ['a.json']
+  assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~files.current_umask())
