@@ -217,6 +217,18 @@ def main(argv):
           f'written. Run the same command to resume from it (exit status {e.status}).',
           file=sys.stderr, flush=True)
     sys.exit(e.status)
+  except (tf.errors.UnavailableError, tf.errors.AbortedError) as e:
+    if not multi_worker:
+      raise
+    saved = checkpointer.steps_on_disk()
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    said = next((f'{line} {after}' for line, after in zip(lines, lines[1:] + [''])
+                 if 'unhealthy' in line or 'heartbeat' in line), lines[0] if lines else '')
+    print(f'launch.train: a worker stopped answering ({type(e).__name__}: '
+          f'{said[:200]}); the newest checkpoint is at step '
+          f'{saved[0] if saved else "none"}. Start every worker again with the same command to '
+          f'resume (exit status {training.REQUEUE}).', file=sys.stderr, flush=True)
+    sys.exit(training.REQUEUE)
   finally:
     preemption.close()
   train_seconds = time.time() - started

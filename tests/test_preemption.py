@@ -227,3 +227,32 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_pa
       f.write('new')
   assert path.read_text() == 'new' and os.listdir(tmp_path) == ['a.json']
   assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~files.current_umask())
+
+
+def test_when_a_worker_dies_the_others_stop_with_one_line(digits, tmp_path):
+  """TF_CONFIG's two workers; worker 1 killed (SIGKILL: no notice): the chief notices (the
+  coordination service's heartbeats), names the newest checkpoint, and exits to be requeued."""
+  ports = [_free_port(), _free_port()]
+  workdir = str(tmp_path / 'run')
+  logs = [open(tmp_path / f'worker{i}.log', 'w+') for i in range(2)]
+  try:
+    processes = [_train(workdir, digits[0], '--batch_size=16', '--steps_per_epoch=400',
+                        '--epochs=1', '--checkpoint_every_steps=10', '--strategy=multi_worker',
+                        env={'TF_CONFIG': json.dumps({'cluster': {'worker': [
+                            f'localhost:{p}' for p in ports]}, 'task': {'type': 'worker',
+                                                                    'index': i}})},
+                        log=logs[i]) for i in range(2)]
+    _wait_for(logs[0], 'step 25/', processes[0])
+    processes[1].send_signal(signal.SIGKILL)
+    processes[0].wait(timeout=300)
+    processes[1].wait()
+    output = _read(logs[0])
+  finally:
+    for log in logs:
+      log.close()
+  assert processes[0].returncode == 42, output[-3000:]
+  newest = training.checkpoint_steps(workdir)[0]
+  assert newest >= 20 and _loads(workdir, newest)
+  lines = [line for line in output.splitlines() if line.startswith('launch.train: a worker')]
+  assert len(lines) == 1 and 'Traceback' not in output, output[-3000:]
+  assert f'the newest checkpoint is at step {newest}. Start every worker again' in lines[0]
