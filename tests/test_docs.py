@@ -75,9 +75,9 @@ def test_every_fence_names_its_language(name):
   text = read(name)
   assert text.count('```') % 2 == 0, f'{name}: an unclosed fence'
   for match in FENCE.finditer(text):
-    assert match.group(1) in ('python', 'bash', 'text'), (
+    assert match.group(1) in ('python', 'bash', 'text', 'yaml'), (
         f'{name}, line {text.count(chr(10), 0, match.start()) + 1}: a fence without a language '
-        '(python runs in this test; bash and text do not)')
+        '(python runs in this test; bash, text and yaml do not)')
 
 
 def test_readme_is_short():
