@@ -1,12 +1,13 @@
 """Preemption: on SIGTERM (a scheduler taking the machine back) or SIGINT (Ctrl-C), training stops
 at a step every worker agrees on, checkpoints that step, and the run ends with `Preempted`.
 
-TF's `tf.distribute.experimental.PreemptionCheckpointHandler` does the work: it catches SIGTERM,
-and under MultiWorkerMirroredStrategy its workers agree, through the coordination service, on the
-step to save at (the one after the signal reaches them: the step in flight and one more). Here it
-saves with the run's `Checkpointer` (`ckpt-STEP`, written only when finite, rotated, the chief's
-files only) instead of its own checkpoint manager, and ends the run by raising `Preempted`, so the
-launcher can say what happened and exit with `REQUEUE` (SIGTERM) or `INTERRUPTED` (SIGINT).
+On one machine the step in flight finishes and is checkpointed. Under MultiWorkerMirroredStrategy,
+TF's `tf.distribute.experimental.PreemptionCheckpointHandler` makes the workers agree, through the
+coordination service, on the step to save at (the one after the signal reaches them all: the
+step in flight and one or two more). Here it saves with the run's `Checkpointer` (`ckpt-STEP`,
+written only when finite, rotated, the chief's files only) instead of its own checkpoint manager,
+and ends the run by raising `Preempted`, so the launcher can say what happened and exit with
+`REQUEUE` (SIGTERM) or `INTERRUPTED` (SIGINT).
 
   preemption = SaveOnPreemption(checkpointer, strategy)
   try:
@@ -65,15 +66,16 @@ class SaveOnPreemption(keras.callbacks.Callback):
     for signum in self._previous:
       signal.signal(signum, self._on_signal)
     resolver = getattr(strategy, 'cluster_resolver', None)
-    if resolver is not None and not resolver.cluster_spec().as_dict():
-      resolver = None  # one machine: TF's local mode
-    # TF's handler polls `termination_watcher_fn` (every second, in a thread of its own) instead of
-    # taking SIGTERM itself: so SIGINT counts too, and the signal handlers can be put back.
-    self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(
-        resolver, tf.train.Checkpoint(), os.path.join(self._scratch, 'checkpoints'),
-        tf.distribute.experimental.TerminationConfig(
-            termination_watcher_fn=lambda: self.signal_name is not None, exit_fn=self._stop,
-            save_fn=self._save))
+    self.handler = None
+    if resolver is not None and resolver.cluster_spec().as_dict():
+      # Several workers: TF's handler makes them agree on the step. It polls
+      # `termination_watcher_fn` (every second, in a thread of its own) instead of taking SIGTERM
+      # itself: so SIGINT counts too, and the signal handlers can be put back.
+      self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+          resolver, tf.train.Checkpoint(), os.path.join(self._scratch, 'checkpoints'),
+          tf.distribute.experimental.TerminationConfig(
+              termination_watcher_fn=lambda: self.signal_name is not None, exit_fn=self._stop,
+              save_fn=self._save))
 
   def _on_signal(self, signum, frame):
     del frame
@@ -91,7 +93,11 @@ class SaveOnPreemption(keras.callbacks.Callback):
                     self._saved_path)
 
   def on_train_batch_end(self, batch, logs=None):
-    self.handler.save_checkpoint_if_preempted()
+    if self.handler is not None:
+      self.handler.save_checkpoint_if_preempted()
+    elif self.signal_name:  # one machine: the step just finished (TF's handler would train two
+      self._save()          # more, its agreement and its once-a-second watch)
+      self._stop()
 
   def close(self):
     """SIGTERM and SIGINT back as they were; TF's handler's folder removed. (A signal after the
