@@ -14,11 +14,13 @@ tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
-@pytest.fixture(autouse=True)
-def _collect_garbage_between_tests():
-  """Frees each test's TF objects (functions, iterators, strategies' resources) right after it,
-  while nothing runs, instead of whenever Python's collector next runs: in the middle of a
-  later test's `fit`, where a full-suite run crashed (segmentation fault) 3 times in 8."""
+@pytest.fixture(autouse=True, scope='module')
+def _collect_garbage_between_files():
+  """Frees a test file's TF objects (functions, iterators, strategies' resources) right after it,
+  while nothing runs, instead of whenever Python's collector next runs: in the middle of a later
+  file's `fit`, where full-suite runs crashed (segmentation fault) 3 times in 8. (After every
+  test it would cost a third of the suite's time; tests/test_training.py, where the crashes
+  were, collects after each of its tests.)"""
   yield
   gc.collect()
 
