@@ -82,6 +82,7 @@ def test_two_slurm_tasks_train_together_and_stop_at_one_step(digits, tmp_path):
     with open(os.path.join(workdir, 'metrics.json')) as f:
       metrics = json.load(f)
     assert metrics['steps'] == 120 and metrics['replicas'] == 2
+    assert metrics['global_batch_size'] == 32  # the global batch spans both workers
   finally:
     for log in logs:
       log.close()

@@ -1,5 +1,5 @@
 """The launcher end to end, in real processes: train, evaluate, sample, score, resume after
-SIGKILL, two-worker training, and clear errors. Data: scikit-learn's 8x8 digits (real, shipped)."""
+SIGKILL, and clear errors (several workers: test_clusters). Data: scikit-learn's 8x8 digits (real, shipped)."""
 
 import contextlib
 import csv
@@ -170,36 +170,6 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(digits, tmp_pat
   print(f'killed at step {killed_at}; resumed run finished at step {_metrics(workdir)["steps"]}')
   assert f'Resuming from step {killed_at}.' in result.stdout
   assert _metrics(workdir)['steps'] == epochs * 60
-
-
-def test_two_worker_training_on_localhost(digits, tmp_path):
-  import socket
-  ports = []
-  for _ in range(2):
-    with socket.socket() as s:
-      s.bind(('localhost', 0))
-      ports.append(s.getsockname()[1])
-  workdir = str(tmp_path / 'run')
-  processes, logs = [], []
-  for index in range(2):
-    logs.append(open(tmp_path / f'worker{index}.log', 'w+'))  # files: pipes could fill and block
-    tf_config = {'cluster': {'worker': [f'localhost:{p}' for p in ports]},
-                 'task': {'type': 'worker', 'index': index}}
-    processes.append(subprocess.Popen(
-        [sys.executable, '-m', 'launch.train', f'--workdir={workdir}', f'--dataset={digits[0]}',
-         *SMALL, '--batch_size=16', '--epochs=1', '--steps_per_epoch=10',
-         '--checkpoint_every_steps=0', '--strategy=multi_worker'],
-        cwd=ROOT, env={**os.environ, 'TF_CONFIG': json.dumps(tf_config)},
-        stdout=logs[-1], stderr=subprocess.STDOUT))
-  for process, log in zip(processes, logs):
-    process.wait(timeout=600)
-    log.seek(0)
-    assert process.returncode == 0, log.read()[-3000:]
-  # One checkpoint, written by the chief (worker 0); the global batch spans both workers.
-  index_files = [f for f in os.listdir(os.path.join(workdir, 'checkpoints')) if f.endswith('.index')]
-  assert index_files == ['ckpt-10.index']
-  metrics = _metrics(workdir)
-  assert metrics['replicas'] == 2 and metrics['global_batch_size'] == 32
 
 
 def test_errors_are_one_clear_line(digits, trained, tmp_path):
