@@ -32,9 +32,10 @@ def fail(message):
   sys.exit(2)
 
 
-class Terminated(Exception):
-  """SIGTERM, as an exception: what is being written is removed (files are written whole or not
-  at all, `tfp_realnvp.files`), and the command ends promptly."""
+class Terminated(BaseException):
+  """SIGTERM, as an exception (a BaseException, as KeyboardInterrupt: no `except Exception`
+  swallows it): what is being written is removed (files are written whole or not at all,
+  `tfp_realnvp.files`), and the command ends promptly."""
 
 
 def _terminate(signum, frame):

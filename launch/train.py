@@ -176,6 +176,8 @@ def main(argv):
   if chief:  # the run is known to start: only now is its config written
     training.write_run_config(FLAGS.workdir, config_of_run)
     banner(model, config, data, strategy, global_batch, steps, start)
+  if training.cluster_description(strategy):
+    training.check_shared_workdir(strategy, FLAGS.workdir)
 
   throughput = Throughput(global_batch)
   advice = (f'Lower --learning_rate (now {config.learning_rate:g}) or --clipnorm (now '
@@ -232,10 +234,13 @@ def main(argv):
   finally:
     preemption.close()
   train_seconds = time.time() - started
-  if preemption.signal_name:  # after the last step: training is over and checkpointed
-    print(f'launch.train: stopped by {preemption.signal_name} after the last step '
-          f'({checkpointer.step}, checkpointed); run the same command for the test evaluation '
-          f'and samples.', file=sys.stderr, flush=True)
+  signalled = preemption.signal_name is not None
+  if multi_worker:  # a signal to one worker in the last steps: every worker stops here
+    signalled = training.gather_from_workers(strategy, signalled)[-1] > 0
+  if signalled:  # after the last step: training is over and checkpointed
+    print(f'launch.train: stopped by {preemption.signal_name or "a signal to another worker"} '
+          f'after the last step ({checkpointer.step}, checkpointed); run the same command for the '
+          f'test evaluation and samples.', file=sys.stderr, flush=True)
     sys.exit(training.INTERRUPTED if preemption.signal_name == 'SIGINT' else training.REQUEUE)
 
   progress = training.Progress('test evaluation', data.num_test) if chief else None
@@ -277,5 +282,19 @@ def main(argv):
                   f'--logdir={log_dir})'])
 
 
+def train(argv):
+  """`main`, with SIGTERM before or after training (outside `fit`, where the run checkpoints and
+  stops) also exiting REQUEUE: nothing is lost, the newest checkpoint is named."""
+  try:
+    main(argv)
+  except common.Terminated:
+    steps = training.checkpoint_steps(FLAGS.workdir)
+    newest = (f'the newest checkpoint is {os.path.join(FLAGS.workdir, "checkpoints")}'
+              f'/ckpt-{steps[0]}' if steps else 'no checkpoint yet')
+    print(f'launch.train: stopped by SIGTERM outside the training steps; {newest}. Run the same '
+          f'command to resume (exit status {training.REQUEUE}).', file=sys.stderr, flush=True)
+    sys.exit(training.REQUEUE)
+
+
 if __name__ == '__main__':
-  common.run(main, required=['workdir'])
+  common.run(train, required=['workdir'])

@@ -27,7 +27,7 @@ def test_two_slurm_tasks_train_together_and_stop_at_one_step(digits, tmp_path):
   expands the node list itself): --strategy=auto picks multi-worker; SIGTERM to one task stops
   both at the same step; a task that cannot see the chief's checkpoints refuses to start over."""
   workdir, alone = str(tmp_path / 'run'), str(tmp_path / 'elsewhere')
-  args = ['--batch_size=16', '--steps_per_epoch=120', '--epochs=1', '--checkpoint_every_steps=100']
+  args = ['--batch_size=16', '--steps_per_epoch=160', '--epochs=1', '--checkpoint_every_steps=100']
   environ = {k: v for k, v in os.environ.items() if k != 'TF_CONFIG'}
 
   def start(workdirs, logs):
@@ -41,7 +41,10 @@ def test_two_slurm_tasks_train_together_and_stop_at_one_step(digits, tmp_path):
              'SLURM_STEP_TASKS_PER_NODE': '2'})
         for rank, (w, log) in enumerate(zip(workdirs, logs))]
 
-  logs = [open(tmp_path / f'task{rank}.log', 'w+') for rank in range(2)]
+  def new_logs(phase):  # a file per phase and task (a truncated one keeps the writer's offset)
+    return [open(tmp_path / f'{phase}{rank}.log', 'a+') for rank in range(2)]
+
+  logs = new_logs('sigterm')
   try:
     processes = start([workdir, workdir], logs)
     _wait_for(logs[0], 'step 20/', processes[0])
@@ -61,27 +64,25 @@ def test_two_slurm_tasks_train_together_and_stop_at_one_step(digits, tmp_path):
     assert all(re.fullmatch(r'ckpt-\d+\.(index|data-.*)|checkpoint', name)
                for name in os.listdir(os.path.join(workdir, 'checkpoints')))
     # A task that sees no checkpoint while the chief resumes: both stop, one line each.
-    for log in logs:
-      log.truncate(0)
-    processes = start([workdir, alone], logs)
+    logs += new_logs('elsewhere')
+    processes = start([workdir, alone], logs[-2:])
     for process in processes:
       process.wait(timeout=300)
-    for process, log in zip(processes, logs):
+    for process, log in zip(processes, logs[-2:]):
       errors = [line for line in _read(log).splitlines() if line.startswith('error:')]
       assert process.returncode == 2 and len(errors) == 1, _read(log)[-2000:]
       assert f'The workers would resume from different steps (0, {step})' in errors[0]
     assert not os.path.exists(os.path.join(alone, 'checkpoints'))
     # The rerun resumes both at the step and ends where an uninterrupted run does.
-    for log in logs:
-      log.truncate(0)
-    processes = start([workdir, workdir], logs)
-    for process, log in zip(processes, logs):
+    logs += new_logs('rerun')
+    processes = start([workdir, workdir], logs[-2:])
+    for process, log in zip(processes, logs[-2:]):
       process.wait(timeout=300)
       assert process.returncode == 0, _read(log)[-3000:]
       assert f'Resuming from step {step}.' in _read(log)
     with open(os.path.join(workdir, 'metrics.json')) as f:
       metrics = json.load(f)
-    assert metrics['steps'] == 120 and metrics['replicas'] == 2
+    assert metrics['steps'] == 160 and metrics['replicas'] == 2
     assert metrics['global_batch_size'] == 32  # the global batch spans both workers
   finally:
     for log in logs:
@@ -93,7 +94,7 @@ def test_when_a_worker_dies_the_others_stop_with_one_line(digits, tmp_path):
   coordination service's heartbeats), names the newest checkpoint, and exits to be requeued."""
   ports = [_free_port(), _free_port()]
   workdir = str(tmp_path / 'run')
-  logs = [open(tmp_path / f'worker{i}.log', 'w+') for i in range(2)]
+  logs = [open(tmp_path / f'worker{i}.log', 'a+') for i in range(2)]
   try:
     processes = [_train(workdir, digits[0], '--batch_size=16', '--steps_per_epoch=400',
                         '--epochs=1', '--checkpoint_every_steps=10', '--strategy=multi_worker',

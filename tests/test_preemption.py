@@ -40,6 +40,8 @@ def _wait_for(log, text, process, timeout=300):
 
 
 def _read(log):
+  """The whole log so far. (Logs are opened 'a+': the child writes through a copy of the same
+  file descriptor, and with O_APPEND its writes never land where this process seeks to read.)"""
   log.seek(0)
   return log.read()
 
@@ -65,10 +67,10 @@ def _loads(workdir, step):
 
 def test_sigterm_checkpoints_the_step_it_stops_at_and_the_rerun_finishes(digits, tmp_path):
   workdir = str(tmp_path / 'run')
-  args = ['--steps_per_epoch=100', '--epochs=2', '--checkpoint_every_steps=50']
-  with open(tmp_path / 'train.log', 'w+') as log:
+  args = ['--steps_per_epoch=300', '--epochs=1', '--checkpoint_every_steps=1000']  # none periodic
+  with open(tmp_path / 'train.log', 'a+') as log:
     process = _train(workdir, digits[0], *args, log=log)
-    _wait_for(log, 'step 60/', process)  # after a periodic checkpoint, mid-epoch
+    _wait_for(log, 'step 60/', process)  # mid-epoch
     signalled = time.time()
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
@@ -77,13 +79,13 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_the_rerun_finishes(digits,
   assert process.returncode == training.REQUEUE == 42, output[-3000:]
   name, step = _stopped_at(output)
   print(f'SIGTERM -> exit: {seconds:.1f} s, stopped at step {step}')
-  assert name == 'SIGTERM' and 60 <= step < 200 and step % 50  # not a periodic checkpoint
+  assert name == 'SIGTERM' and 60 <= step < 300
   assert 'Run the same command to resume from it (exit status 42)' in output
-  assert training.checkpoint_steps(workdir)[0] == step and _loads(workdir, step)
+  assert training.checkpoint_steps(workdir) == [step] and _loads(workdir, step)
   result = ok(launch('train', f'--workdir={workdir}', f'--dataset={digits[0]}', *SMALL, *args))
   assert f'Resuming from step {step}.' in result.stdout
   with open(os.path.join(workdir, 'metrics.json')) as f:
-    assert json.load(f)['steps'] == 200  # as an uninterrupted run: no step lost or repeated
+    assert json.load(f)['steps'] == 300  # as an uninterrupted run: no step lost or repeated
 
 
 def test_a_signal_while_checkpointing_leaves_every_checkpoint_loadable(digits, tmp_path):
@@ -94,9 +96,9 @@ def test_a_signal_while_checkpointing_leaves_every_checkpoint_loadable(digits, t
           '--keep_checkpoints=2']
   cases = [(signal.SIGTERM, 0.0, 42), (signal.SIGTERM, 0.03, 42), (signal.SIGINT, 0.01, 130)]
   for index, (signum, delay, status) in enumerate(cases):
-    with open(tmp_path / f'train{index}.log', 'w+') as log:
+    with open(tmp_path / f'train{index}.log', 'a+') as log:
       process = _train(workdir, digits[0], *args, log=log)
-      _wait_for(log, 'step 10/' if index == 0 else 'Resuming from step', process)
+      _wait_for(log, 'step 10/' if index == 0 else '/400 (epoch', process)  # training, resumed
       time.sleep(0.3 * index)
       process.send_signal(signum)
       time.sleep(delay)
@@ -123,7 +125,7 @@ def test_other_commands_end_on_sigterm_leaving_no_partial_file(digits, tmp_path)
   np.save(tmp_path / 'many.npy', many)
   out = tmp_path / 'out'
   out.mkdir()
-  with open(tmp_path / 'score.log', 'w+') as log:
+  with open(tmp_path / 'score.log', 'a+') as log:
     process = subprocess.Popen(
         [sys.executable, '-m', 'launch.score', f'--workdir={workdir}',
          f'--images={tmp_path}/many.npy', f'--out={out}/scores.csv', '--noise_draws=4'],
@@ -156,3 +158,27 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_pa
   assert path.read_text() == 'new' and os.listdir(tmp_path) == ['a.json']
   assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~files.current_umask())
 
+
+
+
+def test_sigterm_outside_the_training_steps_exits_to_be_requeued(tmp_path, capsys, monkeypatch):
+  """Before the steps (starting, restoring, tracing) or after them (the test evaluation), SIGTERM
+  (`Terminated`) exits 42 naming the newest checkpoint: nothing is lost, a scheduler requeues."""
+  from absl.testing import flagsaver
+  from launch import common
+  from launch import train as command
+
+  def main(argv):
+    del argv
+    raise common.Terminated()
+  monkeypatch.setattr(command, 'main', main)
+  os.makedirs(tmp_path / 'checkpoints')
+  (tmp_path / 'checkpoints' / 'ckpt-7.index').write_bytes(b'')
+  with flagsaver.flagsaver():
+    command.FLAGS(['launch.train', f'--workdir={tmp_path}'])
+    with pytest.raises(SystemExit) as exit_:
+      command.train(['launch.train'])
+  assert exit_.value.code == 42
+  assert capsys.readouterr().err == (
+      f'launch.train: stopped by SIGTERM outside the training steps; the newest checkpoint is '
+      f'{tmp_path}/checkpoints/ckpt-7. Run the same command to resume (exit status 42).\n')

@@ -145,6 +145,11 @@ def test_unknown_strategy_and_multi_worker_without_a_cluster(monkeypatch):
   with pytest.raises(training.RunError, match=r'--strategy=multi_worker needs a cluster: neither '
                      r'TF_CONFIG .* nor a Slurm job step \(srun: SLURM_PROCID\)'):
     training.build_strategy('multi_worker')
+  monkeypatch.setenv('SLURM_JOB_ID', '17')  # a Slurm batch script, not a job step (no srun)
+  monkeypatch.setenv('SLURM_PROCID', '0')
+  with pytest.raises(training.RunError, match='needs a job step of its tasks: run launch.train '
+                     'under srun'):
+    training.build_strategy('multi_worker')
   # What --strategy=auto goes by: the tasks of a Slurm job step, or of TF_CONFIG's cluster.
   assert training.slurm_tasks() == 0 and training.tf_config_workers() == 0
   monkeypatch.setenv('SLURM_PROCID', '1')

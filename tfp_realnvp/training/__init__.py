@@ -17,7 +17,8 @@ Every public name is here too: `from tfp_realnvp import training; training.Check
 
 from tfp_realnvp.training.errors import RunError
 from tfp_realnvp.training.strategies import (STRATEGIES, SlurmCluster, build_strategy,
-                                             check_same_start,
+                                             check_same_start, check_shared_workdir,
+                                             gather_from_workers,
                                              cluster_description, is_chief, mirrored_strategy,
                                              slurm_tasks, split_cpu, tf_config_workers)
 from tfp_realnvp.training.workdir import (current_umask, lock_workdir, set_aside_run,

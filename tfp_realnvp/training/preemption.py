@@ -100,8 +100,9 @@ class SaveOnPreemption(keras.callbacks.Callback):
       self._stop()
 
   def close(self):
-    """SIGTERM and SIGINT back as they were; TF's handler's folder removed. (A signal after the
-    last step stops nothing: `signal_name` says it came.)"""
+    """SIGTERM and SIGINT back as they were (ignored if one came: the run is stopping already);
+    TF's handler's folder removed. (A signal after the last step stops nothing: `signal_name`
+    says it came.)"""
     for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
+      signal.signal(signum, signal.SIG_IGN if self.signal_name else handler)
     shutil.rmtree(self._scratch, ignore_errors=True)

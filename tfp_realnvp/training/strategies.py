@@ -15,10 +15,11 @@ STRATEGIES = ('auto', 'mirrored', 'multi_worker', 'one_device')
 
 
 def slurm_tasks():
-  """The number of tasks of the Slurm job step this process runs in (`srun`), 0 outside one."""
-  if 'SLURM_PROCID' not in os.environ:
+  """The number of tasks of the Slurm job step this process runs in (`srun`), 0 outside one (a
+  batch script itself is no job step)."""
+  if 'SLURM_PROCID' not in os.environ or not os.environ.get('SLURM_STEP_NUM_TASKS'):
     return 0
-  return int(os.environ.get('SLURM_STEP_NUM_TASKS') or os.environ.get('SLURM_NTASKS') or 1)
+  return int(os.environ['SLURM_STEP_NUM_TASKS'])
 
 
 def tf_config_workers():
@@ -63,7 +64,14 @@ def build_strategy(name='auto', slurm_port=8888):
     if os.environ.get('TF_CONFIG'):
       return tf.distribute.MultiWorkerMirroredStrategy()
     if slurm_tasks():
-      return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=SlurmCluster(slurm_port))
+      try:
+        resolver = SlurmCluster(slurm_port)
+      except (RuntimeError, ValueError) as e:
+        raise RunError(f'Slurm\'s environment does not describe the job step ({e}).') from None
+      return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    if 'SLURM_JOB_ID' in os.environ:
+      raise RunError('--strategy=multi_worker in a Slurm job needs a job step of its tasks: run '
+                     'launch.train under srun (this is the batch script itself).')
     raise RunError('--strategy=multi_worker needs a cluster: neither TF_CONFIG (cluster and task, '
                    'see tf.distribute.MultiWorkerMirroredStrategy) nor a Slurm job step (srun: '
                    'SLURM_PROCID) is in the environment.')
@@ -104,15 +112,21 @@ def is_chief(strategy):
       'chief' not in resolver.cluster_spec().as_dict())
 
 
+def gather_from_workers(strategy, value):
+  """`value` (a number) of every replica of every worker, as a sorted list of distinct values;
+  a collective op: every worker calls it at the same point."""
+  def gather():
+    context = tf.distribute.get_replica_context()
+    return context.all_gather(tf.constant([float(value)], tf.float64), axis=0)
+  values = strategy.experimental_local_results(tf.function(lambda: strategy.run(gather))())[0]
+  return sorted({float(v) for v in values.numpy()})
+
+
 def check_same_start(strategy, step, directory):
   """Raises `RunError` on every worker unless all resume from the same step: each reads the
   checkpoints in `directory` itself, so a worker that cannot see the chief's would start over
   while the others resume."""
-  def gather():
-    context = tf.distribute.get_replica_context()
-    return context.all_gather(tf.constant([float(step)], tf.float64), axis=0)
-  steps = strategy.experimental_local_results(tf.function(lambda: strategy.run(gather))())[0]
-  steps = sorted({int(s) for s in steps.numpy()})
+  steps = [int(s) for s in gather_from_workers(strategy, step)]
   if len(steps) > 1:
     resolver = strategy.cluster_resolver
     raise RunError(f'The workers would resume from different steps ({", ".join(map(str, steps))});'
@@ -120,3 +134,17 @@ def check_same_start(strategy, step, directory):
                    f'newest checkpoint it finds in {directory}. Every worker must read the '
                    'chief\'s checkpoints there: a file system they all mount, or a copy of '
                    'that folder on each.')
+
+
+def check_shared_workdir(strategy, workdir):
+  """Raises `RunError` on every worker unless each sees the `config.json` the chief has just
+  written in `workdir` (a first run: no checkpoint to compare yet)."""
+  gather_from_workers(strategy, 0)  # the chief has written it
+  path = os.path.join(workdir, 'config.json')
+  seen = gather_from_workers(strategy, os.path.exists(path))
+  if seen != [1.]:
+    resolver = strategy.cluster_resolver
+    where = ('this one does not' if not os.path.exists(path) else 'another one does not')
+    raise RunError(f'Not every worker sees {path}, which the chief wrote ({where}; this is '
+                   f'{resolver.task_type} {resolver.task_id}): the workdir must be on a file '
+                   'system every worker mounts, where they all read the chief\'s checkpoints.')
