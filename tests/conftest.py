@@ -1,6 +1,5 @@
 """Test set-up: two logical CPU devices (for MirroredStrategy tests) and shared helpers."""
 
-import gc
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -12,17 +11,6 @@ import tensorflow as tf  # noqa: E402
 _cpus = tf.config.list_physical_devices('CPU')
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _collect_garbage_between_files():
-  """Frees a test file's TF objects (functions, iterators, strategies' resources) right after it,
-  while nothing runs, instead of whenever Python's collector next runs: in the middle of a later
-  file's `fit`, where full-suite runs crashed (segmentation fault) 3 times in 8. (After every
-  test it would cost a third of the suite's time; tests/test_training.py, where the crashes
-  were, collects after each of its tests.)"""
-  yield
-  gc.collect()
 
 
 def randomize(layers, seed=0, scale=0.3, variance=(0.5, 2.0)):

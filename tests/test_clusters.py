@@ -27,7 +27,7 @@ def test_two_slurm_tasks_train_together_and_stop_at_one_step(digits, tmp_path):
   expands the node list itself): --strategy=auto picks multi-worker; SIGTERM to one task stops
   both at the same step; a task that cannot see the chief's checkpoints refuses to start over."""
   workdir, alone = str(tmp_path / 'run'), str(tmp_path / 'elsewhere')
-  args = ['--batch_size=16', '--steps_per_epoch=160', '--epochs=1', '--checkpoint_every_steps=100']
+  args = ['--batch_size=16', '--steps_per_epoch=100', '--epochs=1', '--checkpoint_every_steps=100']
   environ = {k: v for k, v in os.environ.items() if k != 'TF_CONFIG'}
 
   def start(workdirs, logs):
@@ -82,7 +82,7 @@ def test_two_slurm_tasks_train_together_and_stop_at_one_step(digits, tmp_path):
       assert f'Resuming from step {step}.' in _read(log)
     with open(os.path.join(workdir, 'metrics.json')) as f:
       metrics = json.load(f)
-    assert metrics['steps'] == 160 and metrics['replicas'] == 2
+    assert metrics['steps'] == 100 and metrics['replicas'] == 2
     assert metrics['global_batch_size'] == 32  # the global batch spans both workers
   finally:
     for log in logs:

@@ -1,7 +1,5 @@
 """Training: the loss is exact under MirroredStrategy (real digits learn: test_real_digits)."""
 
-import gc
-
 import keras
 import numpy as np
 import pytest
@@ -16,13 +14,6 @@ from tfp_realnvp import training
 # clipping norm below the gradient's, so that clipping per replica instead of globally shows too.
 SMALL = rn.RealNVPConfig((8, 8, 2), num_scales=1, num_blocks=1, num_filters=4, learning_rate=1e-2,
                          clipnorm=1e-3)
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage_after_each_test():
-  """See conftest's `_collect_garbage_between_files`: the crashes were in this file's fits."""
-  yield
-  gc.collect()
 
 
 def _train_and_evaluate(strategy, weights, train, test):
