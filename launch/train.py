@@ -139,7 +139,8 @@ def main(argv):
     training.split_cpu(FLAGS.cpu_devices)
   strategy = training.build_strategy(FLAGS.strategy, FLAGS.slurm_port)
   chief = training.is_chief(strategy)
-  if FLAGS.restart and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+  multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+  if FLAGS.restart and multi_worker:
     raise training.RunError('--restart is not for multi-worker runs (workers would read the '
                             'workdir while the chief moves files): restart once with one worker, '
                             'or move WORKDIR/checkpoints aside by hand.')
@@ -167,7 +168,7 @@ def main(argv):
     model.compile(jit_compile=FLAGS.jit_compile)
     checkpointer = training.Checkpointer(FLAGS.workdir, model, strategy, FLAGS.keep_checkpoints)
   start = checkpointer.restore_latest() or 0
-  if training.cluster_description(strategy):
+  if multi_worker:
     training.check_same_start(strategy, start, checkpointer.directory)
   checkpointer.set_aside_skipped()  # newer, unloadable ones: kept aside, out of the rotation
   model.optimizer.learning_rate = config.learning_rate  # this run's, not the checkpoint's
@@ -176,7 +177,7 @@ def main(argv):
   if chief:  # the run is known to start: only now is its config written
     training.write_run_config(FLAGS.workdir, config_of_run)
     banner(model, config, data, strategy, global_batch, steps, start)
-  if training.cluster_description(strategy):
+  if multi_worker:
     training.check_shared_workdir(strategy, FLAGS.workdir)
 
   throughput = Throughput(global_batch)
@@ -199,7 +200,6 @@ def main(argv):
     callbacks.append(training.ProgressLines(FLAGS.epochs, steps, global_batch,
                                             FLAGS.log_every_steps))
   # Keras reduces a first batch across workers, and collective ops take no uint8.
-  multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
   integers = tf.int32 if multi_worker else tf.uint8
   batches = training_batches(data, global_batch, seed=FLAGS.seed, dtype=integers)
   if FLAGS.background_noise:  # a background model learns from perturbed images

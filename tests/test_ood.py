@@ -263,11 +263,17 @@ def test_a_model_under_a_mirrored_strategy_scores_across_its_replicas():
   with strategy.scope():
     mirrored = rn.RealNVP(CONFIG)
   mirrored.set_weights(reference.get_weights())
-  assert mirrored.distribute_strategy.num_replicas_in_sync == 2
+  seen = []  # the batch shape of each trace of the model's bits/dim (a trace per replica)
+  bits_per_dim = mirrored.bits_per_dim
+
+  def spy(images, *args, **kwargs):
+    seen.append(tuple(images.shape))
+    return bits_per_dim(images, *args, **kwargs)
+  object.__setattr__(mirrored, 'bits_per_dim', spy)
   # Float pixels (dequantized already: no noise), 7 of them: the replicas' parts 4 and 3.
   images = np.random.default_rng(5).uniform(0, 256, [7, 8, 8, 1]).astype(np.float32)
   expected = ood.OODScorer(reference, batch_size=7).score(images, ['bits_per_dim', 'levels'])
   scores = ood.OODScorer(mirrored, batch_size=7).score(images, ['bits_per_dim', 'levels'])
   for name in expected:
     np.testing.assert_allclose(scores[name], expected[name], rtol=1e-5, err_msg=name)
-  assert ood.scores._split_sizes(7, 2) == [4, 3] and ood.scores._split_sizes(1, 2) == [1, 0]
+  assert sorted(seen) == [(3, 8, 8, 1), (4, 8, 8, 1)]  # each replica its part of the batch

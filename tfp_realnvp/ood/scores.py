@@ -214,8 +214,7 @@ class OODScorer:
     methods = [m for m in check_methods(methods, self.model, self.background) if m in NEEDS_FIT]
     if 'combined' in methods:
       methods = list(dict.fromkeys([*(m for m in self.combine if m in NEEDS_FIT), *methods]))
-    needed = self._needs(methods + (list(self.combine) if 'combined' in methods else []))
-    values = self.quantities(held_out, needed)
+    values = self.quantities(held_out, self._needs(methods))
     if 'typicality' in methods:
       self._held_out_bits = values['bits']
       self.typical_bits_per_dim = float(np.mean(self._held_out_bits))
