@@ -32,8 +32,10 @@ launch_flags.define('list', 'ood', None, 'Out-of-distribution data sources, comm
                     'source launch.train reads (npz:PATH, images:DIR, a TFDS name, ...).')
 launch_flags.define('integer', 'image_size', None, 'Side of the square images for images:DIR '
                     'sources (default: the model\'s).', lower_bound=4)
-launch_flags.define('string', 'background_workdir', None, 'A run trained on the same data with '
-                    '--background_noise: the background model of likelihood_ratio.')
+launch_flags.define('string', 'background_workdir', None, 'likelihood_ratio\'s background model: '
+                    'a run on the same data of local statistics only (--num_scales=1 '
+                    '--num_blocks=1 --num_filters=8), with --background_noise=0.2 if the ratio '
+                    'is used alone (docs/ood.md).')
 launch_flags.define('list', 'methods', ['all'], 'Scores to measure: all, or some of '
                     f'{", ".join(ood.METHODS)}.')
 launch_flags.define('integer', 'max_images', 2000, 'Images per set at most.', lower_bound=1)

@@ -40,8 +40,8 @@ launch_flags.define('list', 'method', ['bits_per_dim'], 'Scores to write, a colu
                     f'(higher = more anomalous): {", ".join(ood.METHODS)} (tfp_realnvp.ood; '
                     'levels: a column per level).')
 launch_flags.define('string', 'background_workdir', None, 'likelihood_ratio\'s background model: a '
-                    'run on the same data of local statistics (one scale) or with '
-                    '--background_noise.')
+                    'run on the same data of local statistics (one scale; with '
+                    '--background_noise=0.2 if the ratio is used alone).')
 launch_flags.define('integer', 'held_out_images', 1000, 'typicality, fitted, combined: fit on this '
                     'many of the run\'s test images.', lower_bound=2)
 

@@ -35,8 +35,9 @@ launch_flags.define_noise_draws()
 launch_flags.define_sampling()
 launch_flags.define('float', 'background_noise', 0., 'Train a background model (Ren et al., '
                     '2019) for launch.ood\'s likelihood_ratio: each training image with this '
-                    'fraction of its pixels replaced by uniform noise (about 0.1-0.3; 0: the '
-                    'images as they are).', lower_bound=0., upper_bound=1.)
+                    'fraction of its pixels replaced by uniform noise (0.2 for a local model: '
+                    '--num_scales=1 --num_blocks=1 --num_filters=8, docs/ood.md; 0: the images '
+                    'as they are).', lower_bound=0., upper_bound=1.)
 launch_flags.define('bool', 'restart', False, 'Start from step 0 even if the workdir holds '
                     'checkpoints (they, the config, metrics and logs are moved to '
                     'WORKDIR/before-restart-TIME/, not deleted). For one run: a command rerun to '

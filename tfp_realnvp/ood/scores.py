@@ -11,8 +11,10 @@ Methods (`bpd` = bits/dim under the model, `D` the image's dimensions):
 - `complexity`: `bpd(x) - L(x) / D`, `L` the bits of a lossless compressor (Serra et al., ICLR
   2020).
 - `likelihood_ratio`: `bpd(x) - bpd_bg(x)`, `bpd_bg` under a background model (Ren et al., NeurIPS
-  2019): the same architecture trained on perturbed training images (`launch.train
-  --background_noise`), or any model of more general images.
+  2019): a model of the training images' local statistics only (one scale, one small block),
+  trained on perturbed images (`launch.train --background_noise=0.2`) for a ratio never worse
+  than chance (docs/ood.md); the same architecture trained so; or any model of more general
+  images.
 - `typicality`: `|bpd(x) - H|`, `H` the mean bits/dim of held-out in-distribution images (Nalisnick
   et al., 2019); `typicality_test` is its test for a batch.
 - `fitted`: the Mahalanobis distance of the features `[levels..., L(x) / D]` from a Gaussian fitted
