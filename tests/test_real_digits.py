@@ -111,7 +111,6 @@ def test_a_local_background_trained_on_perturbed_digits_keeps_the_ratio_above_ch
   # images unlike digits (noise, photo crops, smooth scaled-up digits) the wrong way: the local
   # model gives them even worse bits/dim than the model does. Trained on perturbed digits
   # (--background_noise), the local model has seen noise, and the ratio ranks them right.
-  from tfp_realnvp.ood.background import perturb
   train, test = mnist
   model, _ = trained
   inside = test[500:]
@@ -124,7 +123,7 @@ def test_a_local_background_trained_on_perturbed_digits_keeps_the_ratio_above_ch
     local.compile()
     dataset = tf.data.Dataset.from_tensor_slices(train).shuffle(4000, seed=0).repeat().batch(64)
     if rate:
-      dataset = dataset.map(lambda x: perturb(x, rate))
+      dataset = dataset.map(lambda x: ood.perturb(x, rate))
     local.fit(dataset, steps_per_epoch=200, epochs=1, verbose=0)
     scorer = ood.OODScorer(model, local)
     in_scores = scorer.score(inside, ['likelihood_ratio'])['likelihood_ratio']
